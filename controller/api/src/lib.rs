@@ -1,0 +1,9 @@
+//! Names and wire formats shared by the sandbox gateway, controller and egress sidecar.
+//!
+//! Everything here is part of the compatibility contract with the reference system, so every
+//! header, annotation and resource name is defined exactly once.
+#![forbid(unsafe_code)]
+
+pub mod endpoints;
+pub mod names;
+pub mod signing;

@@ -1,0 +1,194 @@
+//! Credential checks for secure sandboxes: the `OpenSandbox-Secure-Access` token or a signed
+//! route, and the signing keys (`a=<base64>,b=<base64>`).
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use sandbox_api::signing::{self, KeyLookup, SignatureError};
+use subtle::ConstantTimeEq;
+
+use crate::route::Route;
+
+/// Signing keys, each named by one character.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct KeyRing {
+    keys: Vec<(u8, Box<[u8]>)>,
+}
+
+impl KeyLookup for KeyRing {
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    fn secret(&self, id: u8) -> Option<&[u8]> {
+        self.keys.iter().find(|(k, _)| *k == id).map(|(_, s)| &**s)
+    }
+}
+
+/// A `--secure-access-keys` value that cannot be used; names the segment at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("secure-access key segment {segment:?}: {reason}")]
+pub struct KeyError {
+    pub segment: String,
+    pub reason: &'static str,
+}
+
+impl KeyRing {
+    /// Parses `id=<base64>` segments separated by commas or newlines; blank segments are ignored.
+    pub fn parse(text: &str) -> Result<Self, KeyError> {
+        let mut keys: Vec<(u8, Box<[u8]>)> = Vec::new();
+        for segment in text
+            .split([',', '\n'])
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            let bad = |reason| KeyError {
+                segment: redact(segment),
+                reason,
+            };
+            let (id, secret) = segment
+                .split_once('=')
+                .ok_or_else(|| bad("expected <id>=<base64>"))?;
+            let id = match id.trim().as_bytes() {
+                [c] if signing::is_key_id(*c) => *c,
+                _ => return Err(bad("key id must be one character a-z or 0-9")),
+            };
+            let secret = STANDARD
+                .decode(secret.trim())
+                .map_err(|_| bad("secret is not valid base64"))?;
+            if secret.is_empty() {
+                return Err(bad("secret is empty"));
+            }
+            // As in the reference, a repeated id replaces the earlier secret.
+            keys.retain(|(k, _)| *k != id);
+            keys.push((id, secret.into()));
+        }
+        Ok(Self { keys })
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+/// Shows which segment is wrong without printing the secret.
+fn redact(segment: &str) -> String {
+    match segment.split_once('=') {
+        Some((id, _)) => format!("{id}=<redacted>"),
+        None if segment.len() > 4 => format!("{}…", &segment[..segment.floor_char_boundary(4)]),
+        None => segment.to_owned(),
+    }
+}
+
+/// Why a request for a secure sandbox was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("signature: signature required for this sandbox")]
+    Missing,
+    #[error("unauthorized: invalid secure access token")]
+    BadToken,
+    #[error("signature: {0}")]
+    Signature(SignatureError),
+}
+
+impl Denied {
+    /// Small fixed label for metrics.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Denied::Missing => "missing",
+            Denied::BadToken => "bad_token",
+            Denied::Signature(SignatureError::NoKeys) => "no_keys",
+            Denied::Signature(SignatureError::Malformed) => "malformed",
+            Denied::Signature(SignatureError::UnknownKey) => "unknown_key",
+            Denied::Signature(SignatureError::Expired) => "expired",
+            Denied::Signature(SignatureError::Mismatch) => "bad_signature",
+        }
+    }
+}
+
+/// Checks a request for a sandbox protected by `token`. A present header decides alone;
+/// without it the route must be validly signed.
+pub fn check(
+    token: &str,
+    header: Option<&[u8]>,
+    route: &Route<'_>,
+    keys: &KeyRing,
+    now: u64,
+) -> Result<(), Denied> {
+    if let Some(given) = header {
+        return if bool::from(given.trim_ascii().ct_eq(token.as_bytes())) {
+            Ok(())
+        } else {
+            Err(Denied::BadToken)
+        };
+    }
+    let signed = route.signed.ok_or(Denied::Missing)?;
+    signing::verify(
+        keys,
+        route.id,
+        route.port_text,
+        signed.expires_b36,
+        signed.signature,
+        now,
+    )
+    .map_err(Denied::Signature)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::parse_label;
+
+    #[test]
+    fn parses_keys_and_names_bad_segments() {
+        let ring = KeyRing::parse("a=mpucnQ==, k=cHFycw==").unwrap();
+        assert_eq!(ring.secret(b'k'), Some(&b"pqrs"[..]));
+        assert_eq!(ring.len(), 2);
+        assert!(KeyRing::parse("").unwrap().is_empty());
+        let err = KeyRing::parse("a=mpucnQ==,bad=cHFycw==").unwrap_err();
+        assert_eq!(err.segment, "bad=<redacted>");
+        let err = KeyRing::parse("a=not base64!").unwrap_err();
+        assert_eq!(
+            (err.segment.as_str(), err.reason),
+            ("a=<redacted>", "secret is not valid base64")
+        );
+        assert!(KeyRing::parse("A=cHFycw==").is_err());
+        let twice = KeyRing::parse("a=cHFycw==,a=mpucnQ==").unwrap();
+        assert_eq!(
+            (twice.len(), twice.secret(b'a')),
+            (1, Some(&[0x9a, 0x9b, 0x9c, 0x9d][..]))
+        );
+        assert!(KeyRing::parse("a=base64:cHFycw==").is_err());
+        assert_eq!(KeyRing::parse("nokeyhere").unwrap_err().segment, "noke…");
+    }
+
+    #[test]
+    fn header_decides_alone_else_signature_required() {
+        let keys = KeyRing::parse("k=cHFycw==").unwrap();
+        let plain = parse_label("sec-7777").unwrap();
+        let forged = parse_label("sec-7777-x2qxvk-aabbccddk").unwrap();
+        assert_eq!(
+            check("annot-token", Some(b"annot-token"), &forged, &keys, 0),
+            Ok(())
+        );
+        assert_eq!(
+            check("annot-token", Some(b""), &plain, &keys, 0),
+            Err(Denied::BadToken)
+        );
+        assert_eq!(
+            check("annot-token", Some(b"bad-token"), &plain, &keys, 0),
+            Err(Denied::BadToken)
+        );
+        assert_eq!(
+            check("annot-token", None, &plain, &keys, 0),
+            Err(Denied::Missing)
+        );
+        assert_eq!(
+            check("annot-token", None, &forged, &keys, 0),
+            Err(Denied::Signature(SignatureError::Mismatch))
+        );
+        assert_eq!(
+            check("t", None, &forged, &KeyRing::default(), 0),
+            Err(Denied::Signature(SignatureError::NoKeys))
+        );
+    }
+}

@@ -1,0 +1,304 @@
+//! Command-line flags (with environment fallbacks), validated before anything binds.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+use crate::access::{KeyError, KeyRing};
+
+/// Environment variable read when `--secure-access-keys` is not given, so keys stay off argv.
+pub const ENV_SECURE_ACCESS_KEYS: &str = "OPENSANDBOX_SECURE_ACCESS_KEYS";
+
+/// How a request names its sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// `OpenSandbox-Ingress-To: <id>-<port>` or the Host `<id>-<port>.<domain>`.
+    Header,
+    /// The path `/<id>/<port>/<rest>`, forwarded as `/<rest>`.
+    Uri,
+}
+
+impl Mode {
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::Header => "header",
+            Mode::Uri => "uri",
+        }
+    }
+}
+
+/// Where sandbox objects come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    BatchSandbox,
+    AgentSandbox,
+    File,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "sandbox-gateway",
+    version,
+    about = "Ingress gateway for sandboxes on Kubernetes"
+)]
+pub struct Config {
+    /// Port of the proxy listener.
+    #[arg(long, default_value_t = 28888)]
+    pub port: u16,
+
+    /// Address the proxy and metrics listeners bind to.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind: IpAddr,
+
+    /// Routing mode.
+    #[arg(long, value_enum, default_value_t = Mode::Header)]
+    pub mode: Mode,
+
+    /// Sandbox source: `batchsandbox`, `agent-sandbox`, both comma-separated, or `file`.
+    #[arg(long, default_value = "batchsandbox")]
+    pub provider_type: String,
+
+    /// Sandbox objects (multi-document YAML or `kind: List`) for `--provider-type file`.
+    #[arg(long)]
+    pub sandbox_file: Option<PathBuf>,
+
+    /// Signing keys for signed routes: `a=<base64>,b=<base64>`.
+    #[arg(long, env = ENV_SECURE_ACCESS_KEYS, hide_env_values = true)]
+    pub secure_access_keys: Option<String>,
+
+    /// File holding the signing keys (same format, commas or newlines); re-read when it changes.
+    #[arg(long, conflicts_with = "secure_access_keys")]
+    pub secure_access_keys_file: Option<PathBuf>,
+
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+
+    /// Port serving Prometheus metrics on `/metrics`.
+    #[arg(long, default_value_t = 9091)]
+    pub metrics_port: u16,
+
+    /// On SIGTERM: stop accepting, finish in-flight requests, exit within this many seconds.
+    #[arg(long, default_value_t = 25)]
+    pub shutdown_grace_seconds: u64,
+
+    /// A client must send a complete request header within this many seconds.
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout_seconds: u64,
+
+    /// Largest request header accepted (request line and all fields); larger gets 431.
+    #[arg(long, default_value_t = 65536)]
+    pub max_header_bytes: usize,
+
+    /// Timeout for connecting to a sandbox.
+    #[arg(long, default_value_t = 3000)]
+    pub upstream_connect_timeout_ms: u64,
+
+    /// Idle upstream connections are kept this long for reuse.
+    #[arg(long, default_value_t = 60)]
+    pub upstream_idle_timeout_seconds: u64,
+
+    /// Worker threads (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+
+    /// Accepted for compatibility with the reference gateway and ignored: all namespaces are watched.
+    #[arg(long, hide = true)]
+    pub namespace: Option<String>,
+}
+
+/// Accepts the reference's Go-style single-dash long flags (`-port=28888`) by rewriting them to
+/// `--port=28888`; short flags are not used, so nothing is ambiguous.
+pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut values_only = false;
+    for (i, arg) in args.into_iter().enumerate() {
+        let single_dash_long = i > 0
+            && !values_only
+            && arg.len() > 2
+            && arg.starts_with('-')
+            && !arg.starts_with("--")
+            && arg.as_bytes()[1].is_ascii_alphabetic();
+        values_only |= arg == "--";
+        out.push(if single_dash_long {
+            format!("-{arg}")
+        } else {
+            arg
+        });
+    }
+    out
+}
+
+/// A flag value that passed parsing but cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "--provider-type: unknown provider {0:?} (expected batchsandbox, agent-sandbox or file)"
+    )]
+    UnknownProvider(String),
+    #[error("--provider-type: {0} cannot be combined with other providers")]
+    FileCombined(String),
+    #[error(
+        "--provider-type {0}: watching Kubernetes is not available in this build; use --provider-type file"
+    )]
+    KubernetesUnavailable(String),
+    #[error("--sandbox-file is required with --provider-type file")]
+    MissingSandboxFile,
+    #[error("--log-level: unknown level {0:?} (expected error, warn, info, debug or trace)")]
+    LogLevel(String),
+    #[error("--secure-access-keys: {0}")]
+    Keys(#[from] KeyError),
+    #[error("--secure-access-keys-file {path}: {reason}")]
+    KeysFile { path: PathBuf, reason: String },
+    #[error("--port and --metrics-port must differ")]
+    SamePorts,
+    #[error("--max-header-bytes must be between 1024 and 1048575")]
+    HeaderLimit,
+}
+
+impl Config {
+    /// Checks every flag; returns the providers to run and the initial keys.
+    pub fn validate(&self) -> Result<(Vec<Provider>, KeyRing), ConfigError> {
+        let providers = self.providers()?;
+        self.tracing_level()?;
+        if self.port == self.metrics_port {
+            return Err(ConfigError::SamePorts);
+        }
+        if !(1024..=1_048_575).contains(&self.max_header_bytes) {
+            return Err(ConfigError::HeaderLimit);
+        }
+        let keys = match (&self.secure_access_keys, &self.secure_access_keys_file) {
+            (Some(text), _) => KeyRing::parse(text)?,
+            (None, Some(path)) => read_keys_file(path)?,
+            (None, None) => KeyRing::default(),
+        };
+        Ok((providers, keys))
+    }
+
+    /// The tracing level for `--log-level`; accepts the reference's spellings in any case.
+    pub fn tracing_level(&self) -> Result<&'static str, ConfigError> {
+        Ok(match self.log_level.to_ascii_lowercase().as_str() {
+            "error" | "fatal" | "panic" => "error",
+            "warn" | "warning" => "warn",
+            "info" => "info",
+            "debug" => "debug",
+            "trace" => "trace",
+            _ => return Err(ConfigError::LogLevel(self.log_level.clone())),
+        })
+    }
+
+    fn providers(&self) -> Result<Vec<Provider>, ConfigError> {
+        let mut out = Vec::new();
+        for name in self.provider_type.split(',').map(str::trim) {
+            let p = match name {
+                "batchsandbox" => Provider::BatchSandbox,
+                "agent-sandbox" => Provider::AgentSandbox,
+                "file" => Provider::File,
+                other => return Err(ConfigError::UnknownProvider(other.to_owned())),
+            };
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+        if out.contains(&Provider::File) {
+            if out.len() > 1 {
+                return Err(ConfigError::FileCombined(self.provider_type.clone()));
+            }
+            if self.sandbox_file.is_none() {
+                return Err(ConfigError::MissingSandboxFile);
+            }
+        } else {
+            return Err(ConfigError::KubernetesUnavailable(
+                self.provider_type.clone(),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// Reads a keys file, naming the file in every error.
+pub fn read_keys_file(path: &std::path::Path) -> Result<KeyRing, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::KeysFile {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    KeyRing::parse(&text).map_err(|e| ConfigError::KeysFile {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("sandbox-gateway").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn accepts_go_style_flags() {
+        let args = normalize_args(["gw", "-port=1", "-mode", "uri", "--", "-x"].map(String::from));
+        assert_eq!(args, ["gw", "--port=1", "--mode", "uri", "--", "-x"]);
+        let c = Config::try_parse_from(&args[..4]).unwrap();
+        assert_eq!((c.port, c.mode), (1, Mode::Uri));
+    }
+
+    #[test]
+    fn rejects_unknown_mode_naming_the_flag() {
+        let err = config(&["--mode", "path"]).unwrap_err().to_string();
+        assert!(err.contains("--mode") && err.contains("path"), "{err}");
+    }
+
+    #[test]
+    fn validates_providers_and_keys() {
+        let ok = config(&[
+            "--provider-type",
+            "file",
+            "--sandbox-file",
+            "x.yaml",
+            "--secure-access-keys",
+            "k=cHFycw==",
+        ])
+        .unwrap();
+        let (providers, keys) = ok.validate().unwrap();
+        assert_eq!((providers, keys.len()), (vec![Provider::File], 1));
+        let bad = config(&[
+            "--provider-type",
+            "file",
+            "--sandbox-file",
+            "x",
+            "--secure-access-keys",
+            "k=%%",
+        ])
+        .unwrap();
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("k=<redacted>")
+        );
+        let missing = config(&["--provider-type", "file"]).unwrap();
+        assert!(matches!(
+            missing.validate(),
+            Err(ConfigError::MissingSandboxFile)
+        ));
+        let unknown = config(&["--provider-type", "consul"]).unwrap();
+        assert!(
+            matches!(unknown.validate(), Err(ConfigError::UnknownProvider(p)) if p == "consul")
+        );
+        let level = config(&[
+            "--provider-type",
+            "file",
+            "--sandbox-file",
+            "x",
+            "--log-level",
+            "loud",
+        ])
+        .unwrap();
+        assert!(matches!(level.validate(), Err(ConfigError::LogLevel(_))));
+        let warning = config(&["--log-level", "WARNING"]).unwrap();
+        assert_eq!(warning.tracing_level().unwrap(), "warn");
+    }
+}

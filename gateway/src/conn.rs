@@ -1,0 +1,222 @@
+//! Downstream connections with a deadline on the request header: a client must deliver a
+//! whole header within the header timeout, however it spaces its bytes (slowloris defence).
+//! Pingora only bounds each single read, so the deadline lives in a stream wrapper.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType,
+};
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// Where the connection is in reading a request header.
+#[derive(Debug)]
+enum Phase {
+    /// Idle between requests: the keep-alive timeout applies, not the header deadline.
+    Idle,
+    /// Inside a header: `matched` counts the bytes of `\r\n\r\n` seen so far.
+    Header { matched: u8 },
+    /// Header complete: body and upgraded traffic are bounded by the proxy's own timeouts.
+    Body,
+}
+
+#[derive(Debug)]
+pub struct DeadlineStream {
+    inner: Stream,
+    timeout: Duration,
+    phase: Phase,
+    deadline: Pin<Box<Sleep>>,
+    /// Set when a request finished, so the next bytes start a new header.
+    next_request: AtomicBool,
+}
+
+impl DeadlineStream {
+    pub fn new(inner: Stream, timeout: Duration) -> Self {
+        Self {
+            inner,
+            timeout,
+            phase: Phase::Header { matched: 0 },
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            next_request: AtomicBool::new(false),
+        }
+    }
+
+    /// Called when a request on this connection is finished.
+    pub fn request_done(&self) {
+        self.next_request.store(true, Ordering::Release);
+    }
+
+    /// Advances the header scanner over newly read bytes.
+    fn scan(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if matches!(self.phase, Phase::Idle) {
+            self.phase = Phase::Header { matched: 0 };
+            let at = Instant::now() + self.timeout;
+            self.deadline.as_mut().reset(at);
+        }
+        let Phase::Header { mut matched } = self.phase else {
+            return;
+        };
+        const END: &[u8; 4] = b"\r\n\r\n";
+        for &b in bytes {
+            matched = if b == END[usize::from(matched)] {
+                matched + 1
+            } else if b == b'\r' {
+                1
+            } else {
+                0
+            };
+            if matched == 4 {
+                self.phase = Phase::Body;
+                return;
+            }
+        }
+        self.phase = Phase::Header { matched };
+    }
+}
+
+impl AsyncRead for DeadlineStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.next_request.swap(false, Ordering::AcqRel) {
+            this.phase = Phase::Idle;
+        }
+        if matches!(this.phase, Phase::Header { .. }) && this.deadline.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request header not received within the header timeout",
+            )));
+        }
+        let before = buf.filled().len();
+        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = res {
+            this.scan(&buf.filled()[before..]);
+        }
+        res
+    }
+}
+
+impl AsyncWrite for DeadlineStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for DeadlineStream {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for DeadlineStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for DeadlineStream {}
+
+impl GetTimingDigest for DeadlineStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for DeadlineStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for DeadlineStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for DeadlineStream {}
+
+/// Marks the request on `stream` finished, if it is one of ours.
+pub fn request_done(stream: Option<&Stream>) {
+    if let Some(s) = stream.and_then(|s| s.as_any().downcast_ref::<DeadlineStream>()) {
+        s.request_done();
+    }
+}
+
+/// A server app that wraps each accepted connection in a [`DeadlineStream`].
+pub struct HeaderDeadline<A> {
+    pub inner: Arc<A>,
+    pub timeout: Duration,
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let wrapped: Stream = Box::new(DeadlineStream::new(stream, self.timeout));
+        self.inner.process_new(wrapped, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}

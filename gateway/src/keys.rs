@@ -1,0 +1,60 @@
+//! Re-reading the signing-keys file when it changes. A file that fails to parse keeps the
+//! previous keys.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use crate::access::KeyRing;
+use crate::metrics::metrics;
+use crate::watch::FileWatch;
+
+const POLL: Duration = Duration::from_millis(500);
+
+pub struct KeysReloader {
+    pub path: PathBuf,
+    pub keys: Arc<ArcSwap<KeyRing>>,
+}
+
+#[async_trait]
+impl BackgroundService for KeysReloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut watch = FileWatch::new(&self.path);
+        let mut ticker = tokio::time::interval(POLL);
+        let mut last_error: Option<String> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = ticker.tick() => {}
+            }
+            let result = match watch.read_if_changed().await {
+                Ok(Some(text)) => KeyRing::parse(&text).map_err(|e| e.to_string()),
+                Ok(None) => continue,
+                Err(e) => {
+                    watch.reset();
+                    Err(e.to_string())
+                }
+            };
+            match result {
+                Ok(ring) => {
+                    last_error = None;
+                    if **self.keys.load() != ring {
+                        tracing::info!(keys = ring.len(), "secure-access keys reloaded");
+                        self.keys.store(Arc::new(ring));
+                    }
+                }
+                Err(error) if last_error.as_deref() != Some(error.as_str()) => {
+                    metrics().key_reload_errors.inc();
+                    tracing::error!(path = %self.path.display(), %error, "secure-access keys not reloaded; keeping the previous keys");
+                    last_error = Some(error);
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}

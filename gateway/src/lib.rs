@@ -1,0 +1,20 @@
+//! The sandbox ingress gateway: a Pingora reverse proxy that routes requests to sandboxes by
+//! header, Host subdomain or path, checks per-sandbox credentials, and keeps a lock-free route
+//! table fed by a provider.
+#![forbid(unsafe_code)]
+
+pub mod access;
+pub mod admin;
+pub mod config;
+pub mod conn;
+pub mod drain;
+pub mod error;
+pub mod keys;
+pub mod metrics;
+pub mod objects;
+pub mod provider;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod table;
+pub mod watch;

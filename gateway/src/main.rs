@@ -1,0 +1,30 @@
+use clap::Parser;
+use gateway::config::{Config, normalize_args};
+use tracing_subscriber::EnvFilter;
+
+// Pingora's throughput depends on the allocator; see the performance table in the README.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    let config = Config::parse_from(normalize_args(std::env::args()));
+    let level = match config.tracing_level() {
+        Ok(level) => level,
+        Err(e) => {
+            eprintln!("sandbox-gateway: {e}");
+            std::process::exit(2);
+        }
+    };
+    let filter = EnvFilter::new(format!("{level},pingora=warn"));
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .init();
+    if let Err(e) = gateway::server::run(config) {
+        eprintln!("sandbox-gateway: {e}");
+        std::process::exit(2);
+    }
+}

@@ -1,0 +1,151 @@
+//! Prometheus metrics, registered in the default registry that the metrics listener serves.
+//! Labels come from small fixed sets, never from sandbox ids or error text.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, histogram_opts, opts,
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
+};
+
+pub struct Metrics {
+    /// Requests by route mode and status class (`2xx`…`5xx`).
+    pub requests: IntCounterVec,
+    /// Time from request header to end of response, by route mode.
+    pub duration: HistogramVec,
+    /// Failures talking to sandboxes by kind.
+    pub upstream_errors: IntCounterVec,
+    /// Refused credentials by reason.
+    pub auth_failures: IntCounterVec,
+    /// Sandbox ids in the route table.
+    pub table_size: IntGauge,
+    /// 1 once the provider has loaded its first full snapshot.
+    pub ready: IntGauge,
+    /// Provider loads that failed and kept the previous table, by provider.
+    pub provider_errors: IntCounterVec,
+    /// Successful provider loads, by provider.
+    pub provider_loads: IntCounterVec,
+    /// Unix time of the last successful provider load.
+    pub last_sync: IntGauge,
+    /// Requests in flight.
+    pub in_flight: IntGauge,
+    /// Signing-key reloads that failed and kept the previous keys.
+    pub key_reload_errors: IntCounter,
+}
+
+fn build() -> Result<Metrics, prometheus::Error> {
+    let buckets = vec![
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+    Ok(Metrics {
+        requests: register_int_counter_vec!(
+            opts!(
+                "sandbox_gateway_requests_total",
+                "Requests handled, by route mode and status class."
+            ),
+            &["mode", "class"]
+        )?,
+        duration: register_histogram_vec!(
+            histogram_opts!(
+                "sandbox_gateway_request_duration_seconds",
+                "Time from request header to the end of the response.",
+                buckets
+            ),
+            &["mode"]
+        )?,
+        upstream_errors: register_int_counter_vec!(
+            opts!(
+                "sandbox_gateway_upstream_errors_total",
+                "Failures talking to sandboxes, by kind."
+            ),
+            &["kind"]
+        )?,
+        auth_failures: register_int_counter_vec!(
+            opts!(
+                "sandbox_gateway_auth_failures_total",
+                "Refused credentials, by reason."
+            ),
+            &["reason"]
+        )?,
+        table_size: register_int_gauge!(opts!(
+            "sandbox_gateway_route_table_sandboxes",
+            "Sandbox ids in the route table."
+        ))?,
+        ready: register_int_gauge!(opts!(
+            "sandbox_gateway_ready",
+            "1 once the first full snapshot of sandboxes has loaded."
+        ))?,
+        provider_errors: register_int_counter_vec!(
+            opts!(
+                "sandbox_gateway_provider_errors_total",
+                "Provider loads that failed and kept the previous table."
+            ),
+            &["provider"]
+        )?,
+        provider_loads: register_int_counter_vec!(
+            opts!(
+                "sandbox_gateway_provider_loads_total",
+                "Successful provider loads."
+            ),
+            &["provider"]
+        )?,
+        last_sync: register_int_gauge!(opts!(
+            "sandbox_gateway_provider_last_sync_timestamp_seconds",
+            "Unix time of the last successful provider load."
+        ))?,
+        in_flight: register_int_gauge!(opts!(
+            "sandbox_gateway_requests_in_flight",
+            "Requests being handled."
+        ))?,
+        key_reload_errors: register_int_counter!(opts!(
+            "sandbox_gateway_key_reload_errors_total",
+            "Signing-key file reloads that failed and kept the previous keys."
+        ))?,
+    })
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| match build() {
+    Ok(m) => m,
+    // Registration fails only if a name is registered twice, a programming error caught by tests.
+    Err(e) => panic!("metric registration failed: {e}"),
+});
+
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+/// Label for a status code's class.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    }
+}
+
+/// Observes a request's duration; kept separate so the hot path holds the resolved histogram.
+pub fn duration_for(mode: &'static str) -> Histogram {
+    metrics().duration.with_label_values(&[mode])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registers_once_and_classifies() {
+        metrics()
+            .requests
+            .with_label_values(&["header", "2xx"])
+            .inc();
+        assert_eq!(status_class(404), "4xx");
+        assert_eq!(status_class(0), "other");
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&prometheus::gather())
+            .unwrap();
+        assert!(text.contains("sandbox_gateway_requests_total"));
+    }
+}

@@ -1,0 +1,89 @@
+//! The embedded provider: sandbox objects from a YAML file, followed as it changes. A file that
+//! cannot be read or parsed keeps the last good table, is logged and counted.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use crate::metrics::metrics;
+use crate::objects::{self, Sandbox};
+use crate::provider::resolve;
+use crate::table::{self, RouteTable};
+use crate::watch::FileWatch;
+
+const POLL: Duration = Duration::from_millis(200);
+const NAME_REFRESH: Duration = Duration::from_secs(30);
+const LABEL: &str = "file";
+
+pub struct FileProvider {
+    pub path: PathBuf,
+    pub table: Arc<RouteTable>,
+}
+
+impl FileProvider {
+    async fn publish(&self, sandboxes: &[Sandbox]) {
+        let snapshot = table::build(resolve::records(sandboxes).await);
+        let size = snapshot.len();
+        self.table.replace(snapshot);
+        let m = metrics();
+        m.table_size.set(size as i64);
+        m.ready.set(1);
+        m.provider_loads.with_label_values(&[LABEL]).inc();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        m.last_sync.set(now as i64);
+        tracing::info!(sandboxes = size, path = %self.path.display(), "route table loaded");
+    }
+
+    fn failed(&self, last_error: &mut Option<String>, error: String) {
+        // Count and log each distinct failure once, not on every poll.
+        if last_error.as_deref() != Some(error.as_str()) {
+            metrics().provider_errors.with_label_values(&[LABEL]).inc();
+            tracing::error!(path = %self.path.display(), error = %error, "sandbox file not loaded; keeping the previous table");
+            *last_error = Some(error);
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for FileProvider {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut watch = FileWatch::new(&self.path);
+        let mut current: Vec<Sandbox> = Vec::new();
+        let mut last_error: Option<String> = None;
+        let mut resolved_at = Instant::now();
+        let mut ticker = tokio::time::interval(POLL);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = ticker.tick() => {}
+            }
+            match watch.read_if_changed().await {
+                Ok(Some(text)) => match objects::parse_documents(&text) {
+                    Ok(sandboxes) => {
+                        current = sandboxes;
+                        last_error = None;
+                        self.publish(&current).await;
+                        resolved_at = Instant::now();
+                    }
+                    Err(e) => self.failed(&mut last_error, format!("parse error: {e}")),
+                },
+                Ok(None) => {
+                    if resolve::has_names(&current) && resolved_at.elapsed() >= NAME_REFRESH {
+                        self.publish(&current).await;
+                        resolved_at = Instant::now();
+                    }
+                }
+                Err(e) => {
+                    watch.reset();
+                    self.failed(&mut last_error, format!("cannot read: {e}"));
+                }
+            }
+        }
+    }
+}

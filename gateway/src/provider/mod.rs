@@ -1,0 +1,4 @@
+//! Sources of sandbox objects that feed the route table.
+
+pub mod file;
+pub mod resolve;

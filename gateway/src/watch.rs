@@ -1,0 +1,56 @@
+//! Noticing that a file changed, by polling its metadata. Polling follows atomic renames and the
+//! symlink swaps of mounted ConfigMaps and Secrets, where inotify watches go stale.
+
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+    device: u64,
+}
+
+#[derive(Debug)]
+pub struct FileWatch {
+    path: PathBuf,
+    last: Option<Stamp>,
+}
+
+impl FileWatch {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            last: None,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the file if it changed since the last successful read (always on the first call).
+    pub async fn read_if_changed(&mut self) -> io::Result<Option<String>> {
+        let meta = tokio::fs::metadata(&self.path).await?;
+        let stamp = Stamp {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+            inode: meta.ino(),
+            device: meta.dev(),
+        };
+        if self.last == Some(stamp) {
+            return Ok(None);
+        }
+        let text = tokio::fs::read_to_string(&self.path).await?;
+        self.last = Some(stamp);
+        Ok(Some(text))
+    }
+
+    /// Forgets the last read so the next poll reads again.
+    pub fn reset(&mut self) {
+        self.last = None;
+    }
+}
