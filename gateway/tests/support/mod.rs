@@ -1,0 +1,207 @@
+//! Test harness: the real gateway binary, real upstream servers on loopback, a real HTTP client.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod client;
+pub mod upstream;
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// A loopback address of this test's own, so fixed sandbox ports (the signed vectors name them)
+/// never collide with other tests or programs.
+pub fn unique_loopback() -> IpAddr {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) + std::process::id() % 200 * 256;
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        77 + (n / 65536 % 100) as u8,
+        (n / 256 % 256) as u8,
+        (n % 254 + 1) as u8,
+    ))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One sandbox object for the sandbox file.
+pub fn batch_sandbox(
+    name: &str,
+    namespace: &str,
+    ready: i64,
+    endpoints: Option<&str>,
+    token: Option<&str>,
+) -> String {
+    let mut annotations = String::new();
+    if let Some(e) = endpoints {
+        annotations.push_str(&format!("    sandbox.opensandbox.io/endpoints: '{e}'\n"));
+    }
+    if let Some(t) = token {
+        annotations.push_str(&format!("    opensandbox.io/secure-access-token: {t}\n"));
+    }
+    let annotations = if annotations.is_empty() {
+        String::new()
+    } else {
+        format!("  annotations:\n{annotations}")
+    };
+    format!(
+        "apiVersion: sandbox.opensandbox.io/v1alpha1\nkind: BatchSandbox\nmetadata:\n  name: {name}\n  namespace: {namespace}\n{annotations}spec:\n  replicas: 1\nstatus:\n  replicas: 1\n  ready: {ready}\n"
+    )
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(tempfile::TempDir);
+
+impl TempDir {
+    pub fn new() -> Self {
+        Self(tempfile::tempdir().unwrap())
+    }
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+    /// Writes `name` atomically (temp file + rename), as a careful operator or ConfigMap would.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.path().join(name);
+        let tmp = self.0.path().join(format!(".{name}.tmp"));
+        let mut f = std::fs::File::create(&tmp).unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f.sync_all().unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        path
+    }
+}
+
+/// The real `sandbox-gateway` process, killed on drop.
+pub struct Gateway {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub metrics: SocketAddr,
+    pub log: PathBuf,
+    _dir: TempDir,
+}
+
+pub struct GatewayOptions<'a> {
+    pub mode: &'a str,
+    pub keys: Option<&'a str>,
+    pub extra: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for GatewayOptions<'_> {
+    fn default() -> Self {
+        Self {
+            mode: "header",
+            keys: None,
+            extra: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+pub fn gateway_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_sandbox-gateway")
+}
+
+impl Gateway {
+    /// Starts the gateway on a sandbox file and waits until it is ready.
+    pub fn start(sandbox_file: &Path, opts: GatewayOptions<'_>) -> Self {
+        let gw = Self::spawn(sandbox_file, opts);
+        gw.wait_ready();
+        gw
+    }
+
+    pub fn spawn(sandbox_file: &Path, opts: GatewayOptions<'_>) -> Self {
+        let dir = TempDir::new();
+        let log = dir.path().join("gateway.log");
+        let port = free_port();
+        let metrics_port = free_port();
+        let mut cmd = Command::new(gateway_binary());
+        cmd.args([
+            "--bind",
+            "127.0.0.1",
+            "--threads",
+            "1",
+            "--provider-type",
+            "file",
+        ])
+        .arg("--sandbox-file")
+        .arg(sandbox_file)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--metrics-port",
+            &metrics_port.to_string(),
+            "--mode",
+            opts.mode,
+        ])
+        .args(&opts.extra)
+        .env_remove("OPENSANDBOX_SECURE_ACCESS_KEYS")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::inherit())
+        .stdin(Stdio::null());
+        if let Some(keys) = opts.keys {
+            cmd.args(["--secure-access-keys", keys]);
+        }
+        for (k, v) in opts.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start sandbox-gateway");
+        Self {
+            child,
+            addr: SocketAddr::new([127, 0, 0, 1].into(), port),
+            metrics: SocketAddr::new([127, 0, 0, 1].into(), metrics_port),
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(r) = client::blocking_get(self.metrics, "/readyz") {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("gateway not ready; log:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The value of a metric line starting with `prefix` (name and labels), or 0.
+    pub fn metric(&self, prefix: &str) -> f64 {
+        let body = client::blocking_get(self.metrics, "/metrics")
+            .map(|r| r.body_text())
+            .unwrap_or_default();
+        body.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
