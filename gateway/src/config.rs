@@ -99,6 +99,10 @@ pub struct Config {
     #[arg(long, default_value_t = 60)]
     pub upstream_idle_timeout_seconds: u64,
 
+    /// Write one JSON access-log line per request to stdout.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub access_log: bool,
+
     /// Worker threads (0: one per CPU).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,

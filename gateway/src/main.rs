@@ -15,7 +15,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let filter = EnvFilter::new(format!("{level},pingora=warn"));
+    let access = if config.access_log { "info" } else { "off" };
+    let filter = EnvFilter::new(format!("{level},pingora=warn,access={access}"));
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)

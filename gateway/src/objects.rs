@@ -265,6 +265,14 @@ items:
     }
 
     #[test]
+    fn bundled_example_parses() {
+        let got = parse_documents(include_str!("../examples/sandboxes.yaml")).unwrap();
+        let names: Vec<&str> = got.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["demo", "demo-secure", "pending"]);
+        assert!(matches!(got[2].target, Target::Unavailable(_)));
+    }
+
+    #[test]
     fn broken_files_are_errors() {
         assert!(parse_documents("kind: [unclosed").is_err());
         assert!(parse_documents("apiVersion: sandbox.opensandbox.io/v1alpha1\nkind: BatchSandbox\nstatus: {ready: many}\n").is_err());

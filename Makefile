@@ -1,0 +1,17 @@
+.PHONY: demo test bench scale
+
+# Quick start: gateway + demo upstream on the bundled example sandboxes.
+demo:
+	scripts/demo.sh
+
+# Every check and test (installs what it needs).
+test:
+	scripts/test.sh
+
+# Gateway vs nginx vs direct on loopback; prints a table and a verdict.
+bench:
+	loadtest/run.sh
+
+# Route-table memory and time to ready at 100,000 sandboxes.
+scale:
+	loadtest/scale.sh
