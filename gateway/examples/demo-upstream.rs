@@ -8,7 +8,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:18080".into());
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:18080".into());
     let listener = TcpListener::bind(&addr).await?;
     eprintln!("demo upstream listening on {addr}");
     loop {
@@ -45,7 +47,9 @@ async fn serve(mut stream: TcpStream) -> std::io::Result<()> {
             "Hello from the demo sandbox!\nrequest: {request_line}\nheaders as received:\n  {}\n",
             headers.join("\n  ")
         );
-        let close = headers.iter().any(|h| h.eq_ignore_ascii_case("connection: close"));
+        let close = headers
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case("connection: close"));
         let resp = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n{}\r\n{body}",
             body.len(),

@@ -16,7 +16,7 @@ pub struct KeyRing {
 
 impl KeyLookup for KeyRing {
     fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        KeyRing::is_empty(self)
     }
 
     fn secret(&self, id: u8) -> Option<&[u8]> {
@@ -67,6 +67,10 @@ impl KeyRing {
 
     pub fn len(&self) -> usize {
         self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
     }
 }
 
@@ -190,5 +194,18 @@ mod tests {
             check("t", None, &forged, &KeyRing::default(), 0),
             Err(Denied::Signature(SignatureError::NoKeys))
         );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn key_parser_never_panics_or_leaks(text in "\\PC{0,80}") {
+            if let Err(e) = KeyRing::parse(&text) {
+                let shown = e.to_string();
+                if let Some((_, secret)) = text.split_once('=') {
+                    let secret = secret.split([',', '\n']).next().unwrap_or("").trim();
+                    proptest::prop_assert!(secret.len() < 4 || !shown.contains(secret), "{}", shown);
+                }
+            }
+        }
     }
 }

@@ -284,4 +284,16 @@ items:
         ));
         assert!(parse_documents("").unwrap().is_empty());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn parser_never_panics(text in "\\PC{0,200}") {
+            let _ = parse_documents(&text);
+        }
+
+        #[test]
+        fn yaml_like_input_never_panics(text in "(apiVersion|kind|metadata|status|items|ready|name|: |- |\n|  |\\{|\\}|\\[|\\]|'|\"|-{3}|[a-z0-9/.]{1,8}){0,60}") {
+            let _ = parse_documents(&text);
+        }
+    }
 }

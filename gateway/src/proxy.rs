@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
@@ -27,9 +27,17 @@ use crate::metrics::{self, metrics};
 use crate::route::{self, Route, RouteError};
 use crate::table::{Entry, RouteTable};
 
-const X_FORWARDED_FOR: &str = "x-forwarded-for";
-const X_FORWARDED_HOST: &str = "x-forwarded-host";
-const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+// Header names built once at compile time, so the request path never parses a name.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_CONTENT_TYPE_OPTIONS: HeaderName = HeaderName::from_static("x-content-type-options");
+const INGRESS_TO: HeaderName = HeaderName::from_static(names::HEADER_INGRESS_TO);
+const INGRESS_LEGACY: HeaderName = HeaderName::from_static(names::HEADER_INGRESS_LEGACY);
+const SECURE_ACCESS: HeaderName = HeaderName::from_static(names::HEADER_SECURE_ACCESS);
+const POWERED_BY: HeaderName = HeaderName::from_static(names::HEADER_POWERED_BY);
+const POWERED_BY_VALUE: HeaderValue = HeaderValue::from_static(names::POWERED_BY_VALUE);
+const PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 const PATH_LIVENESS: &str = "/status.ok";
 const PATH_READINESS: &str = "/readyz";
 
@@ -147,7 +155,7 @@ impl Gateway {
         let result = async {
             let mut resp = ResponseHeader::build(status, Some(3))?;
             resp.insert_header(CONTENT_TYPE, "text/plain; charset=utf-8")?;
-            resp.insert_header("x-content-type-options", "nosniff")?;
+            resp.insert_header(X_CONTENT_TYPE_OPTIONS, "nosniff")?;
             resp.insert_header(CONTENT_LENGTH, body.len())?;
             if keepalive {
                 session.write_response_header(Box::new(resp), false).await?;
@@ -221,6 +229,22 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// `X-Forwarded-For` with the client appended to what earlier proxies recorded.
+fn forwarded_for(prior: Option<&HeaderValue>, client: std::net::IpAddr) -> String {
+    use std::fmt::Write;
+    let prior = prior
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .unwrap_or("");
+    let mut out = String::with_capacity(prior.len() + 48);
+    if !prior.is_empty() {
+        out.push_str(prior);
+        out.push_str(", ");
+    }
+    let _ = write!(out, "{client}");
+    out
 }
 
 /// Formats the `Host` a sandbox sees: its own address and port.
@@ -339,25 +363,17 @@ impl ProxyHttp for Gateway {
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        upstream.remove_header(names::HEADER_INGRESS_TO);
-        upstream.remove_header(names::HEADER_INGRESS_LEGACY);
-        upstream.remove_header(names::HEADER_SECURE_ACCESS);
+        for name in [&INGRESS_TO, &INGRESS_LEGACY, &SECURE_ACCESS] {
+            upstream.remove_header(name);
+        }
         if let Some(host) = session.req_header().headers.get(HOST).cloned() {
             upstream.insert_header(X_FORWARDED_HOST, host)?;
         } else {
-            upstream.remove_header(X_FORWARDED_HOST);
+            upstream.remove_header(&X_FORWARDED_HOST);
         }
-        upstream.insert_header(X_FORWARDED_PROTO, "http")?;
+        upstream.insert_header(X_FORWARDED_PROTO, PROTO_HTTP)?;
         if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
-            let ip = client.ip().to_string();
-            let forwarded = match upstream
-                .headers
-                .get(X_FORWARDED_FOR)
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-                _ => ip,
-            };
+            let forwarded = forwarded_for(upstream.headers.get(&X_FORWARDED_FOR), client.ip());
             upstream.insert_header(X_FORWARDED_FOR, forwarded)?;
         }
         if let Some(target) = ctx.target {
@@ -375,7 +391,7 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         _ctx: &mut Ctx,
     ) -> Result<()> {
-        resp.insert_header(names::HEADER_POWERED_BY, names::POWERED_BY_VALUE)?;
+        resp.insert_header(POWERED_BY, POWERED_BY_VALUE)?;
         Ok(())
     }
 
@@ -494,5 +510,9 @@ mod tests {
             "/p/q?a=1&b=2"
         );
         assert_eq!(host_value("[::1]:80".parse().unwrap()), "[::1]:80");
+        let ip = "10.0.0.1".parse().unwrap();
+        assert_eq!(forwarded_for(None, ip), "10.0.0.1");
+        let prior = HeaderValue::from_static("203.0.113.9");
+        assert_eq!(forwarded_for(Some(&prior), ip), "203.0.113.9, 10.0.0.1");
     }
 }

@@ -212,23 +212,41 @@ mod tests {
         assert_eq!(parse_path("//80"), Err(RouteError::MalformedPath));
     }
 
-    #[test]
-    fn parsers_never_panic_on_arbitrary_input() {
-        // Deterministic pseudo-random strings over the bytes that matter to the grammar.
-        let alphabet = b"ab09-/.:zZ_\xff";
-        let mut seed = 0x9e3779b97f4a7c15u64;
-        for _ in 0..20_000 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let len = (seed % 24) as usize;
-            let bytes: Vec<u8> = (0..len)
-                .map(|i| alphabet[((seed >> (i % 60)) as usize + i) % alphabet.len()])
-                .collect();
-            let s = String::from_utf8_lossy(&bytes);
+    use proptest::prelude::*;
+
+    fn sandbox_id() -> impl Strategy<Value = String> {
+        "[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?"
+    }
+
+    proptest! {
+        #[test]
+        fn plain_labels_round_trip(id in sandbox_id(), port in 1u16..) {
+            let host = format!("{id}-{port}.sandbox.example:28888");
+            let r = parse_label(first_label(&host)).unwrap();
+            prop_assert_eq!((r.id, r.port, r.signed), (id.as_str(), port, None));
+        }
+
+        #[test]
+        fn signed_labels_round_trip(id in sandbox_id(), port in 1u16.., expires: u64, sig in "[0-9a-f]{8}[a-z0-9]") {
+            let exp = signing::format_b36(expires);
+            let label = format!("{id}-{port}-{exp}-{sig}");
+            let r = parse_label(&label).unwrap();
+            prop_assert_eq!((r.id, r.port), (id.as_str(), port));
+            prop_assert_eq!(r.signed, Some(Signed { expires_b36: &exp, signature: &sig }));
+        }
+
+        #[test]
+        fn paths_round_trip(id in "[a-zA-Z0-9_.-]{1,40}", port in 1u16.., rest in "(/[a-zA-Z0-9._~-]{0,12}){0,4}") {
+            let path = format!("/{id}/{port}{rest}");
+            let r = parse_path(&path).unwrap();
+            prop_assert_eq!((r.id, r.port, r.rest), (id.as_str(), port, rest.as_str()));
+        }
+
+        #[test]
+        fn parsers_never_panic(s in "\\PC{0,64}") {
             let _ = parse_label(first_label(&s));
             if let Ok(r) = parse_path(&s) {
-                assert!(s.contains(r.id) && r.port > 0);
+                prop_assert!(s.contains(r.id) && r.port > 0);
             }
         }
     }

@@ -116,15 +116,16 @@ fn socket(ip: std::net::IpAddr, port: u16) -> String {
 }
 
 fn server_conf(config: &Config) -> ServerConf {
-    let mut conf = ServerConf::default();
-    conf.threads = if config.threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        config.threads
+    let threads = match config.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
     };
-    // The drain in `drain.rs` exits as soon as in-flight work is done; this is the upper bound.
-    conf.grace_period_seconds = Some(config.shutdown_grace_seconds);
-    conf.graceful_shutdown_timeout_seconds = Some(1);
-    conf.upstream_keepalive_pool_size = 4096;
-    conf
+    ServerConf {
+        threads,
+        // The drain in `drain.rs` exits as soon as in-flight work is done; this is the upper bound.
+        grace_period_seconds: Some(config.shutdown_grace_seconds),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upstream_keepalive_pool_size: 4096,
+        ..ServerConf::default()
+    }
 }

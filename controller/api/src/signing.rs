@@ -232,4 +232,36 @@ mod tests {
             Err(SignatureError::NoKeys)
         );
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn base36_round_trips(v: u64) {
+            prop_assert_eq!(parse_b36(&format_b36(v)), Some(v));
+        }
+
+        #[test]
+        fn signatures_verify_only_with_their_key(
+            secret in proptest::collection::vec(any::<u8>(), 1..64),
+            id in "[a-z0-9-]{1,40}",
+            port in 1u16..,
+            expires in 1u64..,
+        ) {
+            let exp = format_b36(expires);
+            let port = port.to_string();
+            let sig = sign(&secret, b'a', &id, &port, &exp);
+            let sig = std::str::from_utf8(&sig).unwrap();
+            prop_assert!(is_signature_shape(sig));
+            let keys = Keys(vec![(b'a', secret.clone())]);
+            prop_assert_eq!(verify(&keys, &id, &port, &exp, sig, expires), Ok(()));
+            prop_assert_eq!(verify(&keys, &id, &port, &exp, sig, expires - 1), Ok(()));
+            prop_assert_eq!(verify(&keys, &format!("{id}x"), &port, &exp, sig, 0), Err(SignatureError::Mismatch));
+        }
+
+        #[test]
+        fn parse_b36_never_panics(s in "\\PC{0,20}") {
+            let _ = parse_b36(&s);
+        }
+    }
 }

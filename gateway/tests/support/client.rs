@@ -67,10 +67,7 @@ pub fn parse(raw: &[u8]) -> io::Result<Response> {
         .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
     {
         let mut pos = 0;
-        loop {
-            let Some(line_end) = find(&rest[pos..], b"\r\n") else {
-                break;
-            };
+        while let Some(line_end) = find(&rest[pos..], b"\r\n") {
             let size_text = String::from_utf8_lossy(&rest[pos..pos + line_end]).into_owned();
             let Ok(size) =
                 usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)

@@ -166,10 +166,8 @@ impl Gateway {
     pub fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Ok(r) = client::blocking_get(self.metrics, "/readyz") {
-                if r.status == 200 {
-                    return;
-                }
+            if client::blocking_get(self.metrics, "/readyz").is_ok_and(|r| r.status == 200) {
+                return;
             }
             std::thread::sleep(Duration::from_millis(25));
         }
