@@ -1,8 +1,8 @@
 //! Graceful drain on SIGTERM: stop accepting (Pingora closes its listeners), let in-flight
 //! requests finish, and exit as soon as none are left or the grace period ends.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -77,6 +77,22 @@ impl ShutdownSignalWatch for Signals {
     }
 }
 
+type ExitHook = Box<dyn FnOnce() + Send>;
+static EXIT_HOOK: OnceLock<Mutex<Option<ExitHook>>> = OnceLock::new();
+
+/// Registers work to run right before the process exits after a drain (flushing logs).
+pub fn on_exit(hook: impl FnOnce() + Send + 'static) {
+    let _ = EXIT_HOOK.set(Mutex::new(Some(Box::new(hook))));
+}
+
+/// Runs the exit hook and exits.
+pub fn exit(code: i32) -> ! {
+    if let Some(hook) = EXIT_HOOK.get().and_then(|m| m.lock().ok()?.take()) {
+        hook();
+    }
+    std::process::exit(code)
+}
+
 fn wait_then_exit(drain: &Drain, grace: Duration) {
     let start = Instant::now();
     // Let the listeners close before counting, so no request slips in after the check.
@@ -89,5 +105,5 @@ fn wait_then_exit(drain: &Drain, grace: Duration) {
         elapsed_ms = start.elapsed().as_millis() as u64,
         "drain finished; exiting"
     );
-    std::process::exit(0);
+    exit(0);
 }

@@ -3,6 +3,7 @@ use gateway::config::{Config, normalize_args};
 use tracing_subscriber::EnvFilter;
 
 // Pingora's throughput depends on the allocator; see the performance table in the README.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -17,15 +18,23 @@ fn main() {
     };
     let access = if config.access_log { "info" } else { "off" };
     let filter = EnvFilter::new(format!("{level},pingora=warn,access={access}"));
+    // Lossless: under overload the request path waits for the log thread rather than dropping
+    // access-log lines. The guard flushes the buffer at exit.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(64 * 1024)
+        .finish(std::io::stdout());
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
         .with_current_span(false)
         .with_env_filter(filter)
-        .with_writer(std::io::stdout)
+        .with_writer(writer)
         .init();
+    gateway::drain::on_exit(move || drop(guard));
     if let Err(e) = gateway::server::run(config) {
         eprintln!("sandbox-gateway: {e}");
-        std::process::exit(2);
+        gateway::drain::exit(2);
     }
+    gateway::drain::exit(0);
 }

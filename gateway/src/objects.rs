@@ -174,14 +174,13 @@ pub enum ParseError {
 pub fn parse_documents(text: &str) -> Result<Vec<Sandbox>, ParseError> {
     let mut out = Vec::new();
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(document)
+        // Straight into the routing view: no intermediate value tree, whose size would dwarf
+        // the table for large files.
+        let object = Option::<Object>::deserialize(document)
             .map_err(|source| ParseError::Yaml { index, source })?;
-        if value.is_null() {
-            continue;
+        if let Some(object) = object {
+            collect(&object, index, &mut out)?;
         }
-        let object: Object =
-            serde_yaml::from_value(value).map_err(|source| ParseError::Yaml { index, source })?;
-        collect(&object, index, &mut out)?;
     }
     Ok(out)
 }

@@ -50,6 +50,28 @@ impl FileProvider {
     }
 }
 
+/// Parses on a short-lived thread of its own: the parser's transient memory (many times the
+/// file size for large files) then goes back to the system with the thread instead of staying
+/// cached in a worker thread's allocator heap.
+async fn parse_off_thread(text: String) -> Result<Vec<Sandbox>, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("sandbox-file-parse".into())
+        .spawn(move || {
+            let result = objects::parse_documents(&text).map_err(|e| e.to_string());
+            drop(text);
+            let _ = tx.send(result);
+        });
+    if let Err(e) = spawned {
+        return Err(format!("cannot start parser thread: {e}"));
+    }
+    let parsed = rx
+        .await
+        .unwrap_or_else(|_| Err("parser thread failed".into()))?;
+    // Copy into this thread's heap so none of the parser's pages stay pinned by live data.
+    Ok(parsed.to_vec())
+}
+
 #[async_trait]
 impl BackgroundService for FileProvider {
     async fn start(&self, mut shutdown: ShutdownWatch) {
@@ -64,7 +86,7 @@ impl BackgroundService for FileProvider {
                 _ = ticker.tick() => {}
             }
             match watch.read_if_changed().await {
-                Ok(Some(text)) => match objects::parse_documents(&text) {
+                Ok(Some(text)) => match parse_off_thread(text).await {
                     Ok(sandboxes) => {
                         current = sandboxes;
                         last_error = None;
