@@ -8,5 +8,12 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 # The quick start must keep working: run it once and check that the curl answered.
-DEMO_ONESHOT=1 GATEWAY_PORT=28988 METRICS_PORT=29091 scripts/demo.sh | tee /dev/stderr | grep -q "Hello from the demo sandbox"
+demo_out=$(mktemp)
+trap 'rm -f "$demo_out"' EXIT
+DEMO_ONESHOT=1 GATEWAY_PORT=28988 METRICS_PORT=29091 scripts/demo.sh >"$demo_out" 2>&1 || { cat "$demo_out"; exit 1; }
+if ! grep -q "Hello from the demo sandbox" "$demo_out"; then
+  cat "$demo_out"
+  echo "the quick start did not answer through the gateway" >&2
+  exit 1
+fi
 echo "the quick start answered through the gateway"
