@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, ValueEnum};
 
 use crate::access::{KeyError, KeyRing};
+use crate::upstream::UpstreamPolicy;
 
 /// Environment variable read when `--secure-access-keys` is not given, so keys stay off argv.
 pub const ENV_SECURE_ACCESS_KEYS: &str = "OPENSANDBOX_SECURE_ACCESS_KEYS";
@@ -58,6 +59,22 @@ pub struct Config {
     /// Sandbox source: `batchsandbox`, `agent-sandbox`, both comma-separated, or `file`.
     #[arg(long, default_value = "batchsandbox")]
     pub provider_type: String,
+
+    /// Kubeconfig for the Kubernetes providers (default: in-cluster, then `KUBECONFIG`, then ~/.kube/config).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Watch only these namespaces (comma-separated; default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+
+    /// Watch only sandbox objects matching this label selector.
+    #[arg(long)]
+    pub label_selector: Option<String>,
+
+    /// Sandbox addresses the gateway may dial (comma-separated CIDRs; default: all but link-local and unspecified).
+    #[arg(long, default_value = "")]
+    pub allowed_upstream_cidrs: String,
 
     /// Sandbox objects (multi-document YAML or `kind: List`) for `--provider-type file`.
     #[arg(long)]
@@ -143,10 +160,10 @@ pub enum ConfigError {
     UnknownProvider(String),
     #[error("--provider-type: {0} cannot be combined with other providers")]
     FileCombined(String),
-    #[error(
-        "--provider-type {0}: watching Kubernetes is not available in this build; use --provider-type file"
-    )]
-    KubernetesUnavailable(String),
+    #[error("--allowed-upstream-cidrs: {0}")]
+    UpstreamCidrs(String),
+    #[error("Kubernetes client configuration: {0}")]
+    Kubernetes(String),
     #[error("--sandbox-file is required with --provider-type file")]
     MissingSandboxFile,
     #[error("--log-level: unknown level {0:?} (expected error, warn, info, debug or trace)")]
@@ -165,6 +182,7 @@ impl Config {
     /// Checks every flag; returns the providers to run and the initial keys.
     pub fn validate(&self) -> Result<(Vec<Provider>, KeyRing), ConfigError> {
         let providers = self.providers()?;
+        self.upstream_policy()?;
         self.tracing_level()?;
         if self.port == self.metrics_port {
             return Err(ConfigError::SamePorts);
@@ -178,6 +196,10 @@ impl Config {
             (None, None) => KeyRing::default(),
         };
         Ok((providers, keys))
+    }
+
+    pub fn upstream_policy(&self) -> Result<UpstreamPolicy, ConfigError> {
+        UpstreamPolicy::parse(&self.allowed_upstream_cidrs).map_err(ConfigError::UpstreamCidrs)
     }
 
     /// The tracing level for `--log-level`; accepts the reference's spellings in any case.
@@ -212,10 +234,6 @@ impl Config {
             if self.sandbox_file.is_none() {
                 return Err(ConfigError::MissingSandboxFile);
             }
-        } else {
-            return Err(ConfigError::KubernetesUnavailable(
-                self.provider_type.clone(),
-            ));
         }
         Ok(out)
     }

@@ -17,4 +17,5 @@ pub mod proxy;
 pub mod route;
 pub mod server;
 pub mod table;
+pub mod upstream;
 pub mod watch;

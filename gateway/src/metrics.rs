@@ -4,8 +4,9 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, histogram_opts, opts,
-    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
+    Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, histogram_opts,
+    opts, register_histogram, register_histogram_vec, register_int_counter,
+    register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
 };
 
 pub struct Metrics {
@@ -31,6 +32,14 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     /// Signing-key reloads that failed and kept the previous keys.
     pub key_reload_errors: IntCounter,
+    /// Endpoints dropped because `--allowed-upstream-cidrs` does not permit them.
+    pub upstream_refused: IntCounter,
+    /// Watch events by kind and type.
+    pub watch_events: IntCounterVec,
+    /// 1 while a provider's watch is connected, by provider.
+    pub provider_connected: IntGaugeVec,
+    /// Time from an object's last write (API server clock, whole seconds) to its route being published.
+    pub propagation: Histogram,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -100,6 +109,29 @@ fn build() -> Result<Metrics, prometheus::Error> {
         key_reload_errors: register_int_counter!(opts!(
             "sandbox_gateway_key_reload_errors_total",
             "Signing-key file reloads that failed and kept the previous keys."
+        ))?,
+        upstream_refused: register_int_counter!(opts!(
+            "sandbox_gateway_upstream_refused_total",
+            "Endpoints never dialled because --allowed-upstream-cidrs does not permit them."
+        ))?,
+        watch_events: register_int_counter_vec!(
+            opts!(
+                "sandbox_gateway_watch_events_total",
+                "Kubernetes watch events, by kind and type."
+            ),
+            &["kind", "type"]
+        )?,
+        provider_connected: register_int_gauge_vec!(
+            opts!(
+                "sandbox_gateway_provider_connected",
+                "1 while the provider's watch is connected."
+            ),
+            &["provider"]
+        )?,
+        propagation: register_histogram!(histogram_opts!(
+            "sandbox_gateway_route_propagation_seconds",
+            "Time from an object's last write (API server clock, whole seconds) to its route being published.",
+            vec![0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
         ))?,
     })
 }

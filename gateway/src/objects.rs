@@ -28,7 +28,7 @@ pub struct Metadata {
 }
 
 /// Status fields of both kinds; each kind reads its own.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Status {
     /// BatchSandbox: number of ready replicas.
@@ -41,7 +41,7 @@ pub struct Status {
     pub conditions: Vec<Condition>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(default)]
 pub struct Condition {
     #[serde(rename = "type")]

@@ -1,7 +1,7 @@
 //! Assembling the Pingora server: the proxy listener behind the header deadline, the metrics
 //! listener, the provider and the key reloader.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -9,8 +9,9 @@ use pingora::apps::http_app::HttpServer;
 use pingora::prelude::*;
 use pingora::proxy::HttpProxy;
 use pingora::server::RunArgs;
+use pingora::server::ShutdownWatch;
 use pingora::server::configuration::ServerConf;
-use pingora::services::background::background_service;
+use pingora::services::background::{BackgroundService, background_service};
 use pingora::services::listening::Service;
 
 use crate::admin::Admin;
@@ -19,9 +20,11 @@ use crate::conn::HeaderDeadline;
 use crate::drain::{Drain, Signals};
 use crate::keys::KeysReloader;
 use crate::metrics::metrics;
+use crate::provider::file;
 use crate::provider::file::FileProvider;
+use crate::provider::kubernetes::{Kind, KubeProvider};
 use crate::proxy::{Gateway, Limits};
-use crate::table::RouteTable;
+use crate::table::{RouteTable, TableWriter};
 
 /// Validates the configuration, binds the listeners and serves until shut down.
 pub fn run(config: Config) -> Result<(), ConfigError> {
@@ -66,27 +69,65 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
     metrics_service.add_tcp(&socket(config.bind, config.metrics_port));
     server.add_service(metrics_service);
 
+    let policy = Arc::new(config.upstream_policy()?);
+    let mut services: Vec<(String, Box<dyn BackgroundService + Send + Sync>)> = Vec::new();
+    let mut sources = Vec::new();
+    let writer_slot: Arc<Mutex<TableWriter>> =
+        Arc::new(Mutex::new(TableWriter::new(table.clone(), [])));
+    let kube = if providers.iter().any(|p| *p != Provider::File) {
+        Some(kube_config(&config)?)
+    } else {
+        None
+    };
+    let namespaces: Vec<Option<String>> = if config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        config
+            .namespaces
+            .iter()
+            .map(|n| Some(n.trim().to_owned()))
+            .collect()
+    };
     for provider in providers {
-        match provider {
+        let kind = match provider {
             Provider::File => {
                 let path = config
                     .sandbox_file
                     .clone()
                     .ok_or(ConfigError::MissingSandboxFile)?;
-                server.add_service(background_service(
-                    "file provider",
-                    FileProvider {
-                        path,
-                        table: table.clone(),
-                    },
-                ));
+                sources.push(file::SOURCE.to_owned());
+                let service = FileProvider {
+                    path,
+                    writer: writer_slot.clone(),
+                    policy: policy.clone(),
+                };
+                services.push(("file provider".into(), Box::new(service)));
+                continue;
             }
-            Provider::BatchSandbox | Provider::AgentSandbox => {
-                return Err(ConfigError::KubernetesUnavailable(
-                    config.provider_type.clone(),
-                ));
-            }
+            Provider::BatchSandbox => Kind::BatchSandbox,
+            Provider::AgentSandbox => Kind::AgentSandbox,
+        };
+        for namespace in &namespaces {
+            let service = KubeProvider {
+                kind,
+                client: kube
+                    .clone()
+                    .ok_or_else(|| ConfigError::Kubernetes("no configuration".into()))?,
+                namespace: namespace.clone(),
+                label_selector: config.label_selector.clone(),
+                writer: writer_slot.clone(),
+                table: table.clone(),
+                policy: policy.clone(),
+            };
+            sources.push(service.source());
+            services.push((format!("{} watch", service.source()), Box::new(service)));
         }
+    }
+    if let Ok(mut w) = writer_slot.lock() {
+        *w = TableWriter::new(table.clone(), sources);
+    }
+    for (name, service) in services {
+        server.add_service(background_service(&name, BoxedBackground(service)));
     }
     if let Some(path) = config.secure_access_keys_file.clone() {
         server.add_service(background_service(
@@ -128,4 +169,37 @@ fn server_conf(config: &Config) -> ServerConf {
         upstream_keepalive_pool_size: 4096,
         ..ServerConf::default()
     }
+}
+
+/// Lets differently typed providers share one list.
+struct BoxedBackground(Box<dyn BackgroundService + Send + Sync>);
+
+#[async_trait::async_trait]
+impl BackgroundService for BoxedBackground {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.start(shutdown).await
+    }
+}
+
+/// Loads the Kubernetes client configuration before anything binds, so a broken kubeconfig
+/// stops start-up with a clear error.
+fn kube_config(config: &Config) -> Result<kube::Config, ConfigError> {
+    let err = |e: String| ConfigError::Kubernetes(e);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    runtime.block_on(async {
+        match &config.kubeconfig {
+            // A single file; a KUBECONFIG list is merged by `infer`.
+            Some(path) if !path.to_string_lossy().contains(':') => {
+                let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| err(format!("--kubeconfig {}: {e}", path.display())))?;
+                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                    .await
+                    .map_err(|e| err(format!("--kubeconfig {}: {e}", path.display())))
+            }
+            _ => kube::Config::infer().await.map_err(|e| err(e.to_string())),
+        }
+    })
 }

@@ -1,13 +1,16 @@
-//! The route table: sandbox id → what a request for it should do. Readers load a snapshot
-//! without locks; a provider swaps in a complete new snapshot, so a sandbox present before
-//! and after an update is never seen as absent.
+//! The route table: sandbox id → what a request for it should do. Readers load an immutable
+//! snapshot without locks; the single writer edits a persistent map (copy-on-write in O(1))
+//! and swaps it in whole, so a sandbox present before and after an update is never seen as
+//! absent, and a relist replaces a source's objects atomically.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+
+use crate::metrics::metrics;
 
 /// One sandbox object as a provider read it, before names are checked for clashes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,58 +53,42 @@ impl Routable {
     }
 }
 
-pub type Snapshot = HashMap<Box<str>, Arc<Entry>>;
+pub type Map = imbl::HashMap<Arc<str>, Arc<Entry>>;
 
-/// Builds a snapshot from records; the same name in several namespaces becomes ambiguous.
-pub fn build(records: Vec<Record>) -> Snapshot {
-    let mut by_name: HashMap<String, Vec<Record>> = HashMap::with_capacity(records.len());
-    for r in records {
-        by_name.entry(r.name.clone()).or_default().push(r);
+/// The entry for one sandbox id given every object of that name.
+fn entry_for(records: &[(String, Record)]) -> Entry {
+    if let [(_, r)] = records {
+        return match &r.upstream {
+            Ok(endpoints) if !endpoints.is_empty() => Entry::Routable(Routable {
+                namespace: r.namespace.as_str().into(),
+                token: r.token.as_deref().filter(|t| !t.is_empty()).map(Into::into),
+                endpoints: endpoints.as_slice().into(),
+                next: AtomicUsize::new(0),
+            }),
+            Ok(_) => Entry::Unavailable("sandbox has no endpoints".into()),
+            Err(reason) => Entry::Unavailable(reason.as_str().into()),
+        };
     }
-    by_name
-        .into_iter()
-        .map(|(name, mut group)| {
-            let entry = if group.len() > 1 {
-                let mut found: Vec<String> = group
-                    .iter()
-                    .map(|r| format!("{}/{}", r.namespace, r.name))
-                    .collect();
-                found.sort_unstable();
-                Entry::Ambiguous(format!("[{}]", found.join(" ")).into())
-            } else {
-                let r = group.remove(0);
-                match r.upstream {
-                    Ok(endpoints) if !endpoints.is_empty() => Entry::Routable(Routable {
-                        namespace: r.namespace.into(),
-                        token: r.token.filter(|t| !t.is_empty()).map(Into::into),
-                        endpoints: endpoints.into(),
-                        next: AtomicUsize::new(0),
-                    }),
-                    Ok(_) => Entry::Unavailable("sandbox has no endpoints".into()),
-                    Err(reason) => Entry::Unavailable(reason.into()),
-                }
-            };
-            (name.into_boxed_str(), Arc::new(entry))
-        })
-        .collect()
+    let mut found: Vec<String> = records
+        .iter()
+        .map(|(_, r)| format!("{}/{}", r.namespace, r.name))
+        .collect();
+    found.sort_unstable();
+    Entry::Ambiguous(format!("[{}]", found.join(" ")).into())
 }
 
-/// The shared table.
+/// The shared table that requests read.
 #[derive(Default)]
 pub struct RouteTable {
-    snapshot: ArcSwap<Snapshot>,
+    snapshot: ArcSwap<Map>,
     ready: AtomicBool,
+    /// Per-source health notes shown by `/readyz` (e.g. a lost watch); not on the request path.
+    notes: Mutex<BTreeMap<String, String>>,
 }
 
 impl RouteTable {
     pub fn get(&self, id: &str) -> Option<Arc<Entry>> {
         self.snapshot.load().get(id).cloned()
-    }
-
-    /// Replaces the whole table and marks it ready (a full snapshot has been loaded).
-    pub fn replace(&self, snapshot: Snapshot) {
-        self.snapshot.store(Arc::new(snapshot));
-        self.ready.store(true, Ordering::Release);
     }
 
     pub fn len(&self) -> usize {
@@ -112,9 +99,132 @@ impl RouteTable {
         self.len() == 0
     }
 
-    /// Whether the first full snapshot has been loaded.
+    /// Whether every source has loaded its first full snapshot.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Sets or clears a source's health note.
+    pub fn note(&self, source: &str, note: Option<String>) {
+        if let Ok(mut notes) = self.notes.lock() {
+            match note {
+                Some(n) => notes.insert(source.to_owned(), n),
+                None => notes.remove(source),
+            };
+        }
+    }
+
+    /// Health notes as `source: note` lines.
+    pub fn notes(&self) -> String {
+        self.notes
+            .lock()
+            .map(|n| n.iter().map(|(s, v)| format!("{s}: {v}\n")).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The single writer of a table. Each source (a file, or one watch) owns its records; the
+/// table is ready once every registered source has synced once.
+pub struct TableWriter {
+    table: Arc<RouteTable>,
+    map: Map,
+    /// name → (source, record) for every object with that name.
+    by_name: HashMap<String, Vec<(String, Record)>>,
+    /// source → names it holds.
+    names_of: HashMap<String, HashSet<String>>,
+    unsynced: HashSet<String>,
+}
+
+impl TableWriter {
+    pub fn new(table: Arc<RouteTable>, sources: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            table,
+            map: Map::default(),
+            by_name: HashMap::new(),
+            names_of: HashMap::new(),
+            unsynced: sources.into_iter().collect(),
+        }
+    }
+
+    fn refresh(&mut self, name: &str) {
+        match self.by_name.get(name) {
+            Some(records) if !records.is_empty() => {
+                self.map.insert(name.into(), Arc::new(entry_for(records)));
+            }
+            _ => {
+                self.by_name.remove(name);
+                self.map.remove(name);
+            }
+        }
+    }
+
+    fn detach(&mut self, source: &str, namespace: &str, name: &str) {
+        if let Some(records) = self.by_name.get_mut(name) {
+            records.retain(|(s, r)| !(s == source && r.namespace == namespace));
+            if !records.iter().any(|(s, _)| s == source)
+                && let Some(names) = self.names_of.get_mut(source)
+            {
+                names.remove(name);
+            }
+        }
+    }
+
+    /// Adds or replaces one object of a source.
+    pub fn upsert(&mut self, source: &str, record: Record) {
+        let name = record.name.clone();
+        self.detach(source, &record.namespace, &name);
+        self.by_name
+            .entry(name.clone())
+            .or_default()
+            .push((source.to_owned(), record));
+        self.names_of
+            .entry(source.to_owned())
+            .or_default()
+            .insert(name.clone());
+        self.refresh(&name);
+    }
+
+    /// Removes one object of a source.
+    pub fn remove(&mut self, source: &str, namespace: &str, name: &str) {
+        self.detach(source, namespace, name);
+        self.refresh(name);
+    }
+
+    /// Replaces everything a source holds (a full list), dropping objects no longer present,
+    /// and marks the source synced.
+    pub fn replace_source(&mut self, source: &str, records: Vec<Record>) {
+        let old = self.names_of.remove(source).unwrap_or_default();
+        for name in &old {
+            if let Some(list) = self.by_name.get_mut(name) {
+                list.retain(|(s, _)| s != source);
+            }
+        }
+        let mut touched = old;
+        let mut names = HashSet::with_capacity(records.len());
+        for record in records {
+            names.insert(record.name.clone());
+            touched.insert(record.name.clone());
+            self.by_name
+                .entry(record.name.clone())
+                .or_default()
+                .push((source.to_owned(), record));
+        }
+        self.names_of.insert(source.to_owned(), names);
+        for name in touched {
+            self.refresh(&name);
+        }
+        self.unsynced.remove(source);
+    }
+
+    /// Makes the current state visible to requests.
+    pub fn publish(&mut self) {
+        self.table.snapshot.store(Arc::new(self.map.clone()));
+        let m = metrics();
+        m.table_size.set(self.map.len() as i64);
+        if self.unsynced.is_empty() && !self.table.is_ready() {
+            self.table.ready.store(true, Ordering::Release);
+            m.ready.set(1);
+        }
     }
 }
 
@@ -133,17 +243,27 @@ mod tests {
         }
     }
 
+    fn writer(sources: &[&str]) -> (Arc<RouteTable>, TableWriter) {
+        let table = Arc::new(RouteTable::default());
+        let w = TableWriter::new(table.clone(), sources.iter().map(|s| s.to_string()));
+        (table, w)
+    }
+
     #[test]
     fn builds_entries_and_flags_clashes() {
-        let table = RouteTable::default();
+        let (table, mut w) = writer(&["file"]);
         assert!(!table.is_ready());
-        table.replace(build(vec![
-            rec("a", "one", Ok(vec!["127.0.0.1", "127.0.0.2"])),
-            rec("a", "dup", Ok(vec!["127.0.0.1"])),
-            rec("b", "dup", Ok(vec!["127.0.0.1"])),
-            rec("a", "down", Err("sandbox is not ready")),
-            rec("a", "none", Ok(vec![])),
-        ]));
+        w.replace_source(
+            "file",
+            vec![
+                rec("a", "one", Ok(vec!["127.0.0.1", "127.0.0.2"])),
+                rec("a", "dup", Ok(vec!["127.0.0.1"])),
+                rec("b", "dup", Ok(vec!["127.0.0.1"])),
+                rec("a", "down", Err("sandbox is not ready")),
+                rec("a", "none", Ok(vec![])),
+            ],
+        );
+        w.publish();
         assert!(table.is_ready());
         assert_eq!(table.len(), 4);
         let Some(entry) = table.get("one") else {
@@ -167,5 +287,41 @@ mod tests {
             Some(Entry::Unavailable(_))
         ));
         assert!(table.get("absent").is_none());
+    }
+
+    #[test]
+    fn incremental_updates_and_relists() {
+        let (table, mut w) = writer(&["bsbx", "agent"]);
+        w.replace_source(
+            "bsbx",
+            vec![
+                rec("a", "x", Ok(vec!["10.0.0.1"])),
+                rec("a", "gone", Ok(vec!["10.0.0.2"])),
+            ],
+        );
+        w.publish();
+        assert!(!table.is_ready(), "ready only when every source synced");
+        w.replace_source("agent", vec![rec("b", "x", Ok(vec!["10.0.0.9"]))]);
+        w.publish();
+        assert!(table.is_ready());
+        assert!(
+            matches!(table.get("x").as_deref(), Some(Entry::Ambiguous(_))),
+            "clash across sources"
+        );
+        w.remove("agent", "b", "x");
+        w.upsert("bsbx", rec("a", "x", Ok(vec!["10.0.0.3"])));
+        w.publish();
+        let entry = table.get("x").unwrap();
+        let Entry::Routable(r) = entry.as_ref() else {
+            panic!("x not routable")
+        };
+        assert_eq!(r.endpoints(), &["10.0.0.3".parse::<IpAddr>().unwrap()]);
+        // A relist without "gone" drops it and keeps the rest.
+        let before = table.get("x");
+        w.replace_source("bsbx", vec![rec("a", "x", Ok(vec!["10.0.0.3"]))]);
+        w.publish();
+        assert!(table.get("gone").is_none());
+        assert!(table.get("x").is_some() && before.is_some());
+        assert_eq!(table.len(), 1);
     }
 }

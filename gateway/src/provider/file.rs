@@ -2,7 +2,7 @@
 //! cannot be read or parsed keeps the last good table, is logged and counted.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -12,7 +12,8 @@ use pingora::services::background::BackgroundService;
 use crate::metrics::metrics;
 use crate::objects::{self, Sandbox};
 use crate::provider::resolve;
-use crate::table::{self, RouteTable};
+use crate::table::TableWriter;
+use crate::upstream::UpstreamPolicy;
 use crate::watch::FileWatch;
 
 const POLL: Duration = Duration::from_millis(200);
@@ -21,17 +22,22 @@ const LABEL: &str = "file";
 
 pub struct FileProvider {
     pub path: PathBuf,
-    pub table: Arc<RouteTable>,
+    pub writer: Arc<Mutex<TableWriter>>,
+    pub policy: Arc<UpstreamPolicy>,
 }
+
+/// The file provider's source name in the table.
+pub const SOURCE: &str = "file";
 
 impl FileProvider {
     async fn publish(&self, sandboxes: &[Sandbox]) {
-        let snapshot = table::build(resolve::records(sandboxes).await);
-        let size = snapshot.len();
-        self.table.replace(snapshot);
+        let records = resolve::records(sandboxes, &self.policy).await;
+        let size = records.len();
+        if let Ok(mut writer) = self.writer.lock() {
+            writer.replace_source(SOURCE, records);
+            writer.publish();
+        }
         let m = metrics();
-        m.table_size.set(size as i64);
-        m.ready.set(1);
         m.provider_loads.with_label_values(&[LABEL]).inc();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

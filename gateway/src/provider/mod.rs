@@ -1,4 +1,5 @@
 //! Sources of sandbox objects that feed the route table.
 
 pub mod file;
+pub mod kubernetes;
 pub mod resolve;

@@ -6,14 +6,16 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
+use crate::metrics::metrics;
 use crate::objects::{Sandbox, Target};
 use crate::table::Record;
+use crate::upstream::UpstreamPolicy;
 
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 type Resolved = HashMap<String, Result<Vec<IpAddr>, String>>;
 
-async fn lookup(name: String) -> (String, Result<Vec<IpAddr>, String>) {
+pub async fn lookup(name: String) -> (String, Result<Vec<IpAddr>, String>) {
     let result =
         match tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((name.as_str(), 0)))
             .await
@@ -62,7 +64,7 @@ pub fn has_names(sandboxes: &[Sandbox]) -> bool {
 }
 
 /// Builds table records, resolving names first.
-pub async fn records(sandboxes: &[Sandbox]) -> Vec<Record> {
+pub async fn records(sandboxes: &[Sandbox], policy: &UpstreamPolicy) -> Vec<Record> {
     let resolved = resolve_names(sandboxes).await;
     sandboxes
         .iter()
@@ -71,40 +73,30 @@ pub async fn records(sandboxes: &[Sandbox]) -> Vec<Record> {
             name: s.name.clone(),
             token: s.token.clone(),
             upstream: match &s.target {
-                Target::Addresses(a) => usable(a),
+                Target::Addresses(a) => usable(a, policy),
                 Target::Unavailable(reason) => Err(reason.clone()),
                 Target::Name(n) => resolved
                     .get(n)
                     .cloned()
                     .unwrap_or_else(|| Err(format!("cannot resolve {n}")))
-                    .and_then(|a| usable(&a)),
+                    .and_then(|a| usable(&a, policy)),
             },
         })
         .collect()
 }
 
-/// Drops addresses that must never be dialled: unspecified and link-local (cloud metadata).
-fn usable(addresses: &[IpAddr]) -> Result<Vec<IpAddr>, String> {
-    let ok: Vec<IpAddr> = addresses
-        .iter()
-        .copied()
-        .filter(|ip| !forbidden(ip))
-        .collect();
+/// Keeps the addresses the upstream policy permits; refused ones are counted and logged.
+pub fn usable(addresses: &[IpAddr], policy: &UpstreamPolicy) -> Result<Vec<IpAddr>, String> {
+    let (ok, refused): (Vec<IpAddr>, Vec<IpAddr>) =
+        addresses.iter().partition(|ip| policy.permits(**ip));
+    if !refused.is_empty() {
+        metrics().upstream_refused.inc_by(refused.len() as u64);
+        tracing::warn!(refused = ?refused, "endpoints outside --allowed-upstream-cidrs are never dialled");
+    }
     if ok.is_empty() {
         Err("sandbox has no permitted endpoint".into())
     } else {
         Ok(ok)
-    }
-}
-
-fn forbidden(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_unspecified() || v4.is_link_local() || v4.is_broadcast(),
-        IpAddr::V6(v6) => {
-            v6.is_unspecified()
-                || (v6.segments()[0] & 0xffc0) == 0xfe80
-                || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_link_local())
-        }
     }
 }
 
@@ -128,18 +120,21 @@ mod tests {
                 .map(|s| s.parse().unwrap())
                 .collect::<Vec<IpAddr>>()
         };
-        let got = records(&[
-            sandbox("local", Target::Name("localhost".into())),
-            sandbox("nowhere", Target::Name("does-not-exist.invalid".into())),
-            sandbox(
-                "meta",
-                Target::Addresses(ips(&["169.254.169.254", "fe80::1", "0.0.0.0"])),
-            ),
-            sandbox(
-                "mixed",
-                Target::Addresses(ips(&["169.254.169.254", "127.0.0.2"])),
-            ),
-        ])
+        let got = records(
+            &[
+                sandbox("local", Target::Name("localhost".into())),
+                sandbox("nowhere", Target::Name("does-not-exist.invalid".into())),
+                sandbox(
+                    "meta",
+                    Target::Addresses(ips(&["169.254.169.254", "fe80::1", "0.0.0.0"])),
+                ),
+                sandbox(
+                    "mixed",
+                    Target::Addresses(ips(&["169.254.169.254", "127.0.0.2"])),
+                ),
+            ],
+            &UpstreamPolicy::default(),
+        )
         .await;
         assert!(
             got[0]
