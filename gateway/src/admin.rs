@@ -17,15 +17,18 @@ pub struct Admin {
     pub drain: Arc<Drain>,
 }
 
-/// Readiness: the first full snapshot is loaded and the gateway is not draining.
-pub fn readiness(table: &RouteTable, drain: &Drain) -> (u16, &'static str) {
-    if drain.is_draining() {
+/// Readiness: the first full snapshot is loaded and the gateway is not draining. Sources in
+/// trouble (a lost watch) are listed after the verdict; the gateway stays ready while it can
+/// serve from its last table.
+pub fn readiness(table: &RouteTable, drain: &Drain) -> (u16, String) {
+    let (status, verdict) = if drain.is_draining() {
         (503, "draining")
     } else if table.is_ready() {
         (200, "ready")
     } else {
         (503, "waiting for the first full sandbox snapshot")
-    }
+    };
+    (status, format!("{verdict}\n{}", table.notes()))
 }
 
 fn text(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -54,7 +57,7 @@ impl ServeHttp for Admin {
             }
             "/readyz" => {
                 let (status, body) = readiness(&self.table, &self.drain);
-                text(status, "text/plain", body.as_bytes().to_vec())
+                text(status, "text/plain", body.into_bytes())
             }
             "/status.ok" => text(200, "text/plain", b"OK".to_vec()),
             _ => text(

@@ -310,7 +310,7 @@ impl ProxyHttp for Gateway {
             }
             PATH_READINESS if self.route(session.req_header()).is_err() => {
                 let (status, body) = readiness(&self.table, &self.drain);
-                self.respond(session, status, body.into(), true).await;
+                self.respond(session, status, body, true).await;
                 ctx.status = status;
                 return Ok(true);
             }

@@ -2,6 +2,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod client;
+pub mod k8s;
 pub mod upstream;
 
 use std::io::Write;
@@ -24,12 +25,21 @@ pub fn unique_loopback() -> IpAddr {
     ))
 }
 
+/// A port nobody listens on now, never handed out twice in this process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// One sandbox object for the sandbox file.
@@ -119,34 +129,38 @@ impl Gateway {
     }
 
     pub fn spawn(sandbox_file: &Path, opts: GatewayOptions<'_>) -> Self {
+        let provider = vec![
+            "--provider-type".into(),
+            "file".into(),
+            "--sandbox-file".into(),
+            sandbox_file.display().to_string(),
+        ];
+        Self::spawn_with(provider, opts)
+    }
+
+    /// Starts the gateway with the given provider flags.
+    pub fn spawn_with(provider: Vec<String>, opts: GatewayOptions<'_>) -> Self {
         let dir = TempDir::new();
         let log = dir.path().join("gateway.log");
         let port = free_port();
         let metrics_port = free_port();
         let mut cmd = Command::new(gateway_binary());
-        cmd.args([
-            "--bind",
-            "127.0.0.1",
-            "--threads",
-            "1",
-            "--provider-type",
-            "file",
-        ])
-        .arg("--sandbox-file")
-        .arg(sandbox_file)
-        .args([
-            "--port",
-            &port.to_string(),
-            "--metrics-port",
-            &metrics_port.to_string(),
-            "--mode",
-            opts.mode,
-        ])
-        .args(&opts.extra)
-        .env_remove("OPENSANDBOX_SECURE_ACCESS_KEYS")
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(Stdio::inherit())
-        .stdin(Stdio::null());
+        cmd.args(["--bind", "127.0.0.1", "--threads", "1"])
+            .args(&provider)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--metrics-port",
+                &metrics_port.to_string(),
+                "--mode",
+                opts.mode,
+            ])
+            .args(&opts.extra)
+            .env_remove("OPENSANDBOX_SECURE_ACCESS_KEYS")
+            .env_remove("KUBECONFIG")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::inherit())
+            .stdin(Stdio::null());
         if let Some(keys) = opts.keys {
             cmd.args(["--secure-access-keys", keys]);
         }
