@@ -1,4 +1,4 @@
-.PHONY: demo test bench scale
+.PHONY: demo test bench scale k8s-bench
 
 # Quick start: gateway + demo upstream on the bundled example sandboxes.
 demo:
@@ -15,3 +15,7 @@ bench:
 # Route-table memory and time to ready at 100,000 sandboxes.
 scale:
 	loadtest/scale.sh
+
+# Kubernetes provider: route propagation latency and 100,000-object scale against a real API server.
+k8s-bench:
+	loadtest/k8s.sh

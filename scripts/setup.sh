@@ -7,6 +7,7 @@ need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)      # Pingora builds zlib-ng through cmake
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)   # service-account key of the test API server
 for pkg in "$@"; do
   case "$pkg" in
     nginx) command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light) ;;
@@ -22,6 +23,10 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+if ! command -v go >/dev/null 2>&1; then
+  echo "go not found: the Kubernetes tests build kube-apiserver and etcd with it" >&2
+  exit 1
+fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo not found: install a stable Rust toolchain (rustup) first" >&2
   exit 1

@@ -4,6 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
+# The real kube-apiserver and etcd for the Kubernetes tests (built once, then cached).
+K8S_TESTENV_DIR=$(scripts/k8s-testenv/build.sh | tail -n 1)
+export K8S_TESTENV_DIR
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked

@@ -116,8 +116,12 @@ impl Default for GatewayOptions<'_> {
     }
 }
 
-pub fn gateway_binary() -> &'static str {
-    env!("CARGO_BIN_EXE_sandbox-gateway")
+/// The gateway binary: Cargo's for integration tests, `SANDBOX_GATEWAY_BIN` for benchmarks.
+pub fn gateway_binary() -> String {
+    option_env!("CARGO_BIN_EXE_sandbox-gateway")
+        .map(str::to_owned)
+        .or_else(|| std::env::var("SANDBOX_GATEWAY_BIN").ok())
+        .expect("set SANDBOX_GATEWAY_BIN to the sandbox-gateway binary")
 }
 
 impl Gateway {
