@@ -282,6 +282,9 @@ fn missing_crd_and_missing_permissions_are_explained() {
         gw.log_text()
             .contains("batchsandboxes.sandbox.opensandbox.io installed")
     );
+    // The watch keeps retrying: installing the CRDs later makes the gateway ready.
+    plane.install_crds();
+    gw.wait_ready();
 
     let plane = ControlPlane::start();
     let limited = gateway(&plane, &plane.limited_kubeconfig, GatewayOptions::default());

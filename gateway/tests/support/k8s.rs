@@ -257,7 +257,7 @@ impl ControlPlane {
         })
     }
 
-    fn install_crds(&self) {
+    pub fn install_crds(&self) {
         let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
         let dir = repo_root().join("charts/opensandbox/crds");
         let mut names = Vec::new();
