@@ -14,6 +14,7 @@ use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::ApiResource;
 use kube::core::DynamicResourceScope;
+use kube::runtime::utils::Backoff;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use pingora::server::ShutdownWatch;
@@ -29,6 +30,35 @@ use crate::table::{Record, RouteTable, TableWriter};
 use crate::upstream::UpstreamPolicy;
 
 const NAME_TTL: Duration = Duration::from_secs(30);
+const RECONNECT_MIN: Duration = Duration::from_millis(250);
+const RECONNECT_MAX: Duration = Duration::from_secs(4);
+
+/// Retry delays for a failing watch: 250 ms doubling to 4 s, with ±25% jitter so a fleet of
+/// gateways does not reconnect in lockstep. Short, because a gateway serving from a stale table
+/// should catch up within seconds of the API server coming back.
+struct Reconnect {
+    next: Duration,
+}
+
+impl Iterator for Reconnect {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.next;
+        self.next = (self.next * 2).min(RECONNECT_MAX);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let jitter = 0.75 + f64::from(nanos % 1000) / 2000.0;
+        Some(delay.mul_f64(jitter))
+    }
+}
+
+impl Backoff for Reconnect {
+    fn reset(&mut self) {
+        self.next = RECONNECT_MIN;
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -416,7 +446,11 @@ impl BackgroundService for KubeProvider {
         if let Some(selector) = &self.label_selector {
             config = config.labels(selector);
         }
-        let mut events = watcher(api, config).default_backoff().boxed();
+        let mut events = watcher(api, config)
+            .backoff(Reconnect {
+                next: RECONNECT_MIN,
+            })
+            .boxed();
         let (tx, mut lookups) = mpsc::unbounded_channel();
         let mut watch = Watch {
             provider: self,
