@@ -6,4 +6,5 @@
 
 pub mod endpoints;
 pub mod names;
+pub mod policy;
 pub mod signing;

@@ -1,0 +1,117 @@
+//! The egress policy JSON: `{"defaultAction":"deny","egress":[{"action":"allow","target":"*.pypi.org"}]}`.
+//! Targets are exact names, `*.suffix` wildcards, IP addresses or CIDRs.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    pub action: Action,
+    pub target: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Policy {
+    #[serde(default = "deny")]
+    pub default_action: Action,
+    #[serde(default)]
+    pub egress: Vec<Rule>,
+}
+
+fn deny() -> Action {
+    Action::Deny
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("invalid policy JSON: {0}")]
+    Json(String),
+    #[error("rule {index}: invalid target {target:?}: {reason}")]
+    Target {
+        index: usize,
+        target: String,
+        reason: &'static str,
+    },
+}
+
+/// Parses and validates a policy; unknown actions (including `defaultAction`) are errors.
+pub fn parse(text: &str) -> Result<Policy, PolicyError> {
+    let policy: Policy =
+        serde_json::from_str(text).map_err(|e| PolicyError::Json(e.to_string()))?;
+    for (index, rule) in policy.egress.iter().enumerate() {
+        validate_target(&rule.target).map_err(|reason| PolicyError::Target {
+            index,
+            target: rule.target.clone(),
+            reason,
+        })?;
+    }
+    Ok(policy)
+}
+
+fn validate_target(target: &str) -> Result<(), &'static str> {
+    let t = target.trim().trim_end_matches('.');
+    if t.is_empty() {
+        return Err("empty target");
+    }
+    if t.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    if let Some((ip, prefix)) = t.split_once('/') {
+        let ip: IpAddr = ip.parse().map_err(|_| "not a CIDR")?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        return match prefix.parse::<u8>() {
+            Ok(p) if p <= max => Ok(()),
+            _ => Err("invalid CIDR prefix length"),
+        };
+    }
+    let name = t.strip_prefix("*.").unwrap_or(t);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err("not a domain name, *.suffix, IP address or CIDR");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_validates() {
+        let p = parse(r#"{"defaultAction":"deny","egress":[{"action":"allow","target":"*.pypi.org"},{"action":"deny","target":"10.0.0.0/8"},{"action":"allow","target":"example.com."}]}"#).unwrap();
+        assert_eq!(p.default_action, Action::Deny);
+        assert_eq!(p.egress.len(), 3);
+        assert_eq!(parse("{}").unwrap().default_action, Action::Deny);
+        assert!(matches!(
+            parse(r#"{"defaultAction":"maybe"}"#),
+            Err(PolicyError::Json(_))
+        ));
+        assert!(matches!(parse("not json"), Err(PolicyError::Json(_))));
+        assert!(matches!(
+            parse(r#"{"egress":[{"action":"allow","target":"bad name!"}]}"#),
+            Err(PolicyError::Target { index: 0, .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"egress":[{"action":"allow","target":"10.0.0.0/40"}]}"#),
+            Err(PolicyError::Target { .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"egress":[{"action":"permit","target":"a.b"}]}"#),
+            Err(PolicyError::Json(_))
+        ));
+    }
+}

@@ -1,0 +1,187 @@
+//! `sandbox-controller`: runs BatchSandbox pods and publishes where they live.
+#![forbid(unsafe_code)]
+
+mod health;
+mod leader;
+mod metrics;
+mod pod;
+mod reconcile;
+mod status;
+mod tokens;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use clap::Parser;
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{Controller, watcher};
+use sandbox_api::names;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sandbox-controller",
+    version,
+    about = "BatchSandbox controller"
+)]
+struct Config {
+    /// Kubeconfig (default: in-cluster, then `KUBECONFIG`, then ~/.kube/config).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Image of the injected egress sidecar.
+    #[arg(long, default_value = "opensandbox/egress:latest")]
+    egress_image: String,
+    /// `OPENSANDBOX_EGRESS_MODE` given to the sidecar: `dns` or `dns+nft`.
+    #[arg(long, default_value = "dns")]
+    egress_mode: String,
+    /// Upper bound on `spec.replicas`; larger values are capped.
+    #[arg(long, default_value_t = 1000)]
+    max_replicas: u32,
+    /// Address of the health and metrics listeners.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind: IpAddr,
+    /// Port of `/healthz` and `/readyz` (and `/metrics`).
+    #[arg(long, default_value_t = 8081)]
+    health_port: u16,
+    /// Port of `/metrics`.
+    #[arg(long, default_value_t = 8080)]
+    metrics_port: u16,
+    /// Reconcile only while holding the leader lease.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Name of the leader lease.
+    #[arg(long, default_value = "sandbox-controller")]
+    lease_name: String,
+    /// Namespace of the leader lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Seconds a standby waits after the leader's last renewal before taking over.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// This process's name in the lease (default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+async fn client(config: &Config) -> Result<Client, String> {
+    let kube_config = match &config.kubeconfig {
+        Some(path) if !path.to_string_lossy().contains(':') => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("--kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| e.to_string())?
+        }
+        _ => kube::Config::infer().await.map_err(|e| e.to_string())?,
+    };
+    Client::try_from(kube_config).map_err(|e| e.to_string())
+}
+
+fn identity(config: &Config) -> String {
+    config.identity.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map_or_else(|_| "sandbox-controller".into(), |h| h.trim().to_owned())
+    }) + &format!("-{}", std::process::id())
+}
+
+#[tokio::main]
+async fn main() {
+    let config = Config::parse();
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_env_filter(tracing_subscriber::EnvFilter::new(format!(
+            "{},kube=warn",
+            config.log_level
+        )))
+        .init();
+    if let Err(e) = run(config).await {
+        eprintln!("sandbox-controller: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(config: Config) -> Result<(), String> {
+    if !matches!(config.egress_mode.as_str(), "dns" | "dns+nft") {
+        return Err(format!(
+            "--egress-mode: {:?} is not dns or dns+nft",
+            config.egress_mode
+        ));
+    }
+    let _ = metrics::metrics();
+    let client = client(&config).await?;
+    let health = Arc::new(health::Health::default());
+    for port in [config.health_port, config.metrics_port] {
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(config.bind, port))
+            .await
+            .map_err(|e| format!("cannot listen on port {port}: {e}"))?;
+        tokio::spawn(health::serve(listener, health.clone()));
+    }
+    health.ready.store(true, Ordering::Release);
+
+    let election = leader::Election {
+        api: Api::<Lease>::namespaced(client.clone(), &config.lease_namespace),
+        name: config.lease_name.clone(),
+        identity: identity(&config),
+        duration: Duration::from_secs(config.lease_duration_seconds.max(3)),
+    };
+    if config.leader_elect {
+        tokio::select! {
+            _ = election.acquire() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+
+    let resource = ApiResource {
+        group: names::BATCH_SANDBOX_GROUP.into(),
+        version: names::BATCH_SANDBOX_VERSION.into(),
+        api_version: format!(
+            "{}/{}",
+            names::BATCH_SANDBOX_GROUP,
+            names::BATCH_SANDBOX_VERSION
+        ),
+        kind: names::BATCH_SANDBOX_KIND.into(),
+        plural: "batchsandboxes".into(),
+    };
+    let ctx = Arc::new(reconcile::Context {
+        client: client.clone(),
+        resource: resource.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "sandbox-controller".into(),
+                instance: Some(election.identity.clone()),
+            },
+        ),
+        egress_image: config.egress_image.clone(),
+        egress_mode: config.egress_mode.clone(),
+        max_replicas: config.max_replicas,
+    });
+    let objects: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+    let pods: Api<Pod> = Api::all(client.clone());
+    let controller = Controller::new_with(objects, watcher::Config::default(), resource)
+        .owns(pods, watcher::Config::default().labels(pod::LABEL_NAME))
+        .shutdown_on_signal()
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|_| async {});
+    tracing::info!("controller running");
+    if config.leader_elect {
+        tokio::select! {
+            _ = controller => Ok(()),
+            _ = election.hold() => Err("lost the leader lease; exiting so a fresh process can stand by".into()),
+        }
+    } else {
+        controller.await;
+        Ok(())
+    }
+}

@@ -1,0 +1,53 @@
+//! Controller metrics in the default Prometheus registry.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Histogram, IntCounter, IntGauge, histogram_opts, opts, register_histogram,
+    register_int_counter, register_int_gauge,
+};
+
+pub struct Metrics {
+    pub reconciles: IntCounter,
+    pub errors: IntCounter,
+    pub duration: Histogram,
+    pub pods_created: IntCounter,
+    pub leader: IntGauge,
+}
+
+fn build() -> Result<Metrics, prometheus::Error> {
+    Ok(Metrics {
+        reconciles: register_int_counter!(opts!(
+            "sandbox_controller_reconciles_total",
+            "Reconcile passes."
+        ))?,
+        errors: register_int_counter!(opts!(
+            "sandbox_controller_reconcile_errors_total",
+            "Reconcile passes that failed and were retried."
+        ))?,
+        duration: register_histogram!(histogram_opts!(
+            "sandbox_controller_reconcile_duration_seconds",
+            "Time of one reconcile pass.",
+            vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
+            ]
+        ))?,
+        pods_created: register_int_counter!(opts!(
+            "sandbox_controller_pods_created_total",
+            "Sandbox pods created."
+        ))?,
+        leader: register_int_gauge!(opts!(
+            "sandbox_controller_leader",
+            "1 while this process holds the leader lease."
+        ))?,
+    })
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| match build() {
+    Ok(m) => m,
+    Err(e) => panic!("metric registration failed: {e}"),
+});
+
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
