@@ -173,7 +173,11 @@ async fn run(config: Config) -> Result<(), String> {
         .owns(pods, watcher::Config::default().labels(pod::LABEL_NAME))
         .shutdown_on_signal()
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
-        .for_each(|_| async {});
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "controller");
+            }
+        });
     tracing::info!("controller running");
     if config.leader_elect {
         tokio::select! {

@@ -241,6 +241,7 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, E
             };
             match raw_pods.create(&PostParams::default(), &body).await {
                 Ok(_) => {
+                    tracing::debug!(%namespace, pod = %pod::pod_name(&name, index), "created pod");
                     created += 1;
                     metrics().pods_created.inc();
                     publish(
@@ -312,8 +313,8 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, E
 
     Ok(match (problem, created, requeue) {
         // A refused template or bad annotation will not fix itself: wait for a change, with a
-        // slow retry in case the cause was outside the object (a quota, a missing secret).
-        (Some(_), _, _) => Action::requeue(Duration::from_secs(60)),
+        // slow retry in case the cause was outside the object (a quota, a missing service account).
+        (Some(_), _, _) => Action::requeue(Duration::from_secs(15)),
         (None, _, Some(left)) => Action::requeue(left),
         (None, _, None) => Action::await_change(),
     })

@@ -204,6 +204,8 @@ impl ControlPlane {
                 "--allow-privileged=true",
                 "-v=0",
             ])
+            // No controller-manager runs here to create namespaces' default service accounts.
+            .arg("--disable-admission-plugins=ServiceAccount")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(d.join(format!("apiserver-{port}.log"))).unwrap())
             .spawn()

@@ -116,11 +116,18 @@ impl Default for GatewayOptions<'_> {
     }
 }
 
-/// The gateway binary: Cargo's for integration tests, `SANDBOX_GATEWAY_BIN` for benchmarks.
+/// The gateway binary: Cargo's for the gateway's tests, `SANDBOX_GATEWAY_BIN` for benchmarks,
+/// else the workspace build next to the running test.
 pub fn gateway_binary() -> String {
     option_env!("CARGO_BIN_EXE_sandbox-gateway")
         .map(str::to_owned)
         .or_else(|| std::env::var("SANDBOX_GATEWAY_BIN").ok())
+        .or_else(|| {
+            // Other packages' tests: the workspace's binaries sit next to the test's `deps/`.
+            let exe = std::env::current_exe().ok()?;
+            let bin = exe.parent()?.parent()?.join("sandbox-gateway");
+            bin.exists().then(|| bin.display().to_string())
+        })
         .expect("set SANDBOX_GATEWAY_BIN to the sandbox-gateway binary")
 }
 

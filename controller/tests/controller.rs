@@ -1,0 +1,660 @@
+//! The controller against a real kube-apiserver; the test plays the kubelet by patching pod
+//! status, and the real gateway routes by what the controller publishes.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+#[path = "../../gateway/tests/support/mod.rs"]
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use support::client::get;
+use support::k8s::{ControlPlane, batch_resource};
+use support::upstream::Upstream;
+use support::{Gateway, GatewayOptions, TempDir, free_port, unique_loopback};
+
+const LABEL_NAME: &str = "batch-sandbox.sandbox.opensandbox.io/name";
+const LABEL_INDEX: &str = "batch-sandbox.sandbox.opensandbox.io/pod-index";
+
+struct Controller {
+    child: Child,
+    log: std::path::PathBuf,
+    health: u16,
+    _dir: TempDir,
+}
+
+impl Controller {
+    fn start(plane: &ControlPlane, extra: &[&str]) -> Self {
+        let dir = TempDir::new();
+        let log = dir.path().join("controller.log");
+        let health = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_sandbox-controller"))
+            .arg("--kubeconfig")
+            .arg(&plane.kubeconfig)
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--health-port",
+                &health.to_string(),
+                "--metrics-port",
+                &free_port().to_string(),
+            ])
+            .args([
+                "--lease-duration-seconds",
+                "3",
+                "--egress-image",
+                "egress:test",
+            ])
+            .args(extra)
+            .env_remove("KUBECONFIG")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start sandbox-controller");
+        Controller {
+            child,
+            log,
+            health,
+            _dir: dir,
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "controller ({:?}) log:\n{}",
+                self.child.try_wait(),
+                self.log_text()
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Env {
+    plane: ControlPlane,
+    ns: String,
+}
+
+impl Env {
+    fn new(ns: &str) -> Self {
+        let plane = ControlPlane::start();
+        plane.create_namespace(ns);
+        Env {
+            plane,
+            ns: ns.into(),
+        }
+    }
+
+    fn boxes(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(self.plane.client.clone(), &self.ns, &batch_resource())
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.plane.client.clone(), &self.ns)
+    }
+
+    fn block<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.plane.runtime.block_on(f)
+    }
+
+    fn create(&self, name: &str, spec: Value, annotations: Value) -> Result<(), kube::Error> {
+        let obj: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "sandbox.opensandbox.io/v1alpha1",
+            "kind": "BatchSandbox",
+            "metadata": {"name": name, "annotations": annotations},
+            "spec": spec,
+        }))
+        .unwrap();
+        self.block(self.boxes().create(&PostParams::default(), &obj))
+            .map(|_| ())
+    }
+
+    fn get(&self, name: &str) -> Option<DynamicObject> {
+        self.block(self.boxes().get_opt(name)).unwrap()
+    }
+
+    fn patch_spec(&self, name: &str, spec: Value) {
+        self.block(self.boxes().patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": spec})),
+        ))
+        .unwrap();
+    }
+
+    fn pod_names(&self, owner: &str) -> Vec<String> {
+        let list = self
+            .block(
+                self.pods()
+                    .list(&ListParams::default().labels(&format!("{LABEL_NAME}={owner}"))),
+            )
+            .unwrap();
+        let mut names: Vec<String> = list
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Plays the kubelet: the pod runs, has `ip` and is Ready.
+    fn kubelet_ready(&self, pod: &str, ip: &str) {
+        let status = json!({"status": {
+            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "127.0.0.1",
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "containerStatuses": [{"name": "main", "image": "sandbox:latest", "imageID": "", "ready": true, "restartCount": 0, "state": {"running": {}}}],
+        }});
+        self.block(
+            self.pods()
+                .patch_status(pod, &PatchParams::default(), &Patch::Merge(status)),
+        )
+        .unwrap();
+    }
+
+    fn kubelet_status(&self, pod: &str, status: Value) {
+        self.block(self.pods().patch_status(
+            pod,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": status})),
+        ))
+        .unwrap();
+    }
+}
+
+fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "{what} not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn template() -> Value {
+    json!({
+        "metadata": {"labels": {"app": "sandbox"}, "annotations": {"team": "a"}},
+        "spec": {
+            "terminationGracePeriodSeconds": 7,
+            "hostname": "sandbox-host",
+            "containers": [{"name": "main", "image": "sandbox:latest", "args": ["--serve"],
+                "env": [{"name": "MODE", "value": "test"}],
+                "securityContext": {"capabilities": {"add": ["NET_ADMIN", "SYS_PTRACE"]}}}],
+        },
+    })
+}
+
+#[test]
+fn end_to_end_controller_to_gateway() {
+    let env = Env::new("e2e");
+    let controller = Controller::start(&env.plane, &[]);
+    env.create(
+        "bs",
+        json!({"replicas": 2, "template": template()}),
+        json!({}),
+    )
+    .unwrap();
+    let pods = eventually("2 pods", Duration::from_secs(20), || {
+        let names = env.pod_names("bs");
+        (names.len() == 2).then_some(names)
+    });
+    assert_eq!(pods, ["bs-0", "bs-1"], "log:\n{}", controller.log_text());
+    let pod = env.block(env.pods().get("bs-1")).unwrap();
+    let labels = pod.metadata.labels.clone().unwrap();
+    assert_eq!(labels[LABEL_INDEX], "1");
+    assert_eq!(labels[LABEL_NAME], "bs");
+    assert_eq!(labels["app"], "sandbox");
+    assert_eq!(pod.metadata.annotations.clone().unwrap()["team"], "a");
+    let owner = &pod.metadata.owner_references.clone().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("BatchSandbox", "bs", Some(true))
+    );
+    let spec = pod.spec.clone().unwrap();
+    assert_eq!(spec.termination_grace_period_seconds, Some(7));
+    assert_eq!(spec.hostname.as_deref(), Some("sandbox-host"));
+    assert_eq!(spec.containers[0].args.clone().unwrap(), ["--serve"]);
+
+    let (ip3, ip4) = (unique_loopback(), unique_loopback());
+    let up3 = Upstream::start(ip3, 0);
+    let port = up3.addr.port();
+    let _up4 = Upstream::start(ip4, port);
+    env.kubelet_ready("bs-0", &ip3.to_string());
+    env.kubelet_ready("bs-1", &ip4.to_string());
+    let want = format!(r#"["{ip3}","{ip4}"]"#);
+    let obj = eventually("endpoints and status", Duration::from_secs(20), || {
+        let o = env.get("bs")?;
+        let ok = o
+            .metadata
+            .annotations
+            .as_ref()?
+            .get("sandbox.opensandbox.io/endpoints")
+            == Some(&want)
+            && o.data["status"]["ready"] == 2;
+        ok.then_some(o)
+    });
+    let status = &obj.data["status"];
+    assert_eq!(status["phase"], "Succeed");
+    assert_eq!(status["replicas"], 2);
+    let ready = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap();
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("True"), Some("PodsReady"))
+    );
+
+    let gw = Gateway::spawn_with(
+        vec![
+            "--provider-type".into(),
+            "batchsandbox".into(),
+            "--kubeconfig".into(),
+            env.plane.kubeconfig.display().to_string(),
+        ],
+        GatewayOptions::default(),
+    );
+    gw.wait_ready();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        let r = get(
+            gw.addr,
+            "/hello",
+            &[("Host", &format!("bs-{port}.sandbox.test"))],
+        );
+        assert_eq!(r.status, 200, "{}", r.body_text());
+        let host = r.echo()["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h[0] == "host")
+            .unwrap()[1]
+            .clone();
+        seen.insert(host.as_str().unwrap().to_owned());
+    }
+    assert!(seen.contains(&format!("{ip3}:{port}")), "{seen:?}");
+    let events = env
+        .block(
+            Api::<k8s_openapi::api::events::v1::Event>::namespaced(env.plane.client.clone(), "e2e")
+                .list(&Default::default()),
+        )
+        .unwrap();
+    assert!(
+        events
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("SuccessfulCreate"))
+    );
+}
+
+#[test]
+fn scaling_recreation_and_failures() {
+    let env = Env::new("scale");
+    let _controller = Controller::start(&env.plane, &["--max-replicas", "4"]);
+    env.create(
+        "bs",
+        json!({"replicas": 2, "template": template()}),
+        json!({}),
+    )
+    .unwrap();
+    let count = |n: usize| {
+        eventually(&format!("{n} pods"), Duration::from_secs(20), || {
+            (env.pod_names("bs").len() == n).then_some(())
+        })
+    };
+    count(2);
+    env.patch_spec("bs", json!({"replicas": 3}));
+    count(3);
+    env.patch_spec("bs", json!({"replicas": 1}));
+    count(1);
+    assert_eq!(env.pod_names("bs"), ["bs-0"]);
+    env.block(env.pods().delete("bs-0", &Default::default()))
+        .unwrap();
+    eventually("pod recreated", Duration::from_secs(20), || {
+        let p = env.block(env.pods().get_opt("bs-0")).unwrap()?;
+        p.metadata.deletion_timestamp.is_none().then_some(())
+    });
+    env.patch_spec("bs", json!({"replicas": 9}));
+    count(4);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(env.pod_names("bs").len(), 4, "--max-replicas caps the pods");
+    assert!(
+        env.create(
+            "negative",
+            json!({"replicas": -1, "template": template()}),
+            json!({})
+        )
+        .is_err(),
+        "schema rejects negative replicas"
+    );
+
+    env.kubelet_status("bs-2", json!({
+        "phase": "Running", "podIP": "127.0.0.9", "podIPs": [{"ip": "127.0.0.9"}],
+        "conditions": [{"type": "Ready", "status": "False"}],
+        "containerStatuses": [{"name": "main", "image": "sandbox:latest", "imageID": "", "ready": false, "restartCount": 5,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 5m0s restarting failed container"}}}],
+    }));
+    let status = eventually("Failed phase", Duration::from_secs(20), || {
+        let o = env.get("bs")?;
+        (o.data["status"]["phase"] == "Failed").then(|| o.data["status"].clone())
+    });
+    let failed = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "PodFailed")
+        .unwrap();
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap()
+            .contains("CrashLoopBackOff"),
+        "{failed}"
+    );
+}
+
+#[test]
+fn bad_templates_and_policies_fail_clearly() {
+    let env = Env::new("bad");
+    let controller = Controller::start(&env.plane, &[]);
+    // No image: the API server refuses the pod.
+    let no_image = json!({"spec": {"containers": [{"name": "main"}]}});
+    env.create(
+        "noimage",
+        json!({"replicas": 1, "template": no_image}),
+        json!({}),
+    )
+    .unwrap();
+    let status = eventually("FailedCreate", Duration::from_secs(20), || {
+        let o = env.get("noimage")?;
+        (o.data["status"]["phase"] == "Failed").then(|| o.data["status"].clone())
+    });
+    let c = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "PodFailed")
+        .unwrap()
+        .clone();
+    assert_eq!(c["reason"], "FailedCreate");
+    assert!(c["message"].as_str().unwrap().contains("image"), "{c}");
+    let reconciles = |c: &Controller| {
+        let body = support::client::blocking_get(
+            format!("127.0.0.1:{}", c.health).parse().unwrap(),
+            "/metrics",
+        )
+        .unwrap()
+        .body_text();
+        body.lines()
+            .find(|l| l.starts_with("sandbox_controller_reconciles_total "))
+            .and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok())
+            .unwrap()
+    };
+    let before = reconciles(&controller);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        reconciles(&controller) - before < 5.0,
+        "hot loop on a refused template"
+    );
+
+    env.create(
+        "badpolicy",
+        json!({"replicas": 1, "template": template()}),
+        json!({"opensandbox.io/network-policy": "{not json"}),
+    )
+    .unwrap();
+    let status = eventually("policy condition", Duration::from_secs(20), || {
+        let o = env.get("badpolicy")?;
+        (o.data["status"]["phase"] == "Failed").then(|| o.data["status"].clone())
+    });
+    assert!(
+        status.to_string().contains("InvalidNetworkPolicy"),
+        "{status}"
+    );
+    assert!(
+        env.pod_names("badpolicy").is_empty(),
+        "no pod for an invalid policy"
+    );
+    assert!(
+        env.create(
+            "badtime",
+            json!({"replicas": 1, "expireTime": "next tuesday"}),
+            json!({})
+        )
+        .is_err(),
+        "schema rejects a non-RFC 3339 expireTime"
+    );
+}
+
+#[test]
+fn expiry_and_renewal() {
+    let env = Env::new("expiry");
+    let _controller = Controller::start(&env.plane, &[]);
+    let at = |secs: i64| {
+        (k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(secs))
+            .to_string()
+    };
+    env.create(
+        "short",
+        json!({"replicas": 1, "template": template(), "expireTime": at(2)}),
+        json!({}),
+    )
+    .unwrap();
+    env.create(
+        "renewed",
+        json!({"replicas": 1, "template": template(), "expireTime": at(3)}),
+        json!({}),
+    )
+    .unwrap();
+    env.patch_spec("renewed", json!({"expireTime": at(120)}));
+    eventually("expired object deleted", Duration::from_secs(15), || {
+        env.get("short").is_none().then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        env.get("renewed").is_some(),
+        "a renewed expireTime must be honoured"
+    );
+}
+
+#[test]
+fn access_and_egress_provisioned_exactly_once() {
+    let env = Env::new("access");
+    let policy = r#"{"defaultAction":"deny","egress":[{"action":"allow","target":"*.pypi.org"}]}"#;
+    let annotations =
+        json!({"opensandbox.io/secure-access": "true", "opensandbox.io/network-policy": policy});
+    let first = Controller::start(&env.plane, &[]);
+    env.create(
+        "bs",
+        json!({"replicas": 1, "template": template()}),
+        annotations,
+    )
+    .unwrap();
+    let pod = eventually("pod", Duration::from_secs(20), || {
+        env.block(env.pods().get_opt("bs-0")).unwrap()
+    });
+    let obj = env.get("bs").unwrap();
+    let ann = obj.metadata.annotations.clone().unwrap();
+    let token = ann["opensandbox.io/secure-access-token"].clone();
+    let egress_token = ann["opensandbox.io/egress-auth-token"].clone();
+    assert_eq!((token.len(), egress_token.len()), (32, 32));
+    assert_eq!(
+        pod.metadata.annotations.clone().unwrap()["opensandbox.io/secure-access-token"],
+        token
+    );
+    let containers = pod.spec.clone().unwrap().containers;
+    assert_eq!(containers.len(), 2);
+    let sidecar = &containers[1];
+    assert_eq!(
+        (sidecar.name.as_str(), sidecar.image.as_deref()),
+        ("egress", Some("egress:test"))
+    );
+    let env_of = |n: &str| {
+        sidecar
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .find(|e| e.name == n)
+            .and_then(|e| e.value)
+    };
+    assert_eq!(env_of("OPENSANDBOX_EGRESS_RULES").as_deref(), Some(policy));
+    assert_eq!(
+        env_of("OPENSANDBOX_EGRESS_TOKEN"),
+        Some(egress_token.clone())
+    );
+    assert_eq!(env_of("OPENSANDBOX_EGRESS_MODE").as_deref(), Some("dns"));
+    assert!(
+        sidecar
+            .security_context
+            .clone()
+            .unwrap()
+            .capabilities
+            .unwrap()
+            .add
+            .unwrap()
+            .contains(&"NET_ADMIN".into())
+    );
+    let main_caps = containers[0]
+        .security_context
+        .clone()
+        .unwrap()
+        .capabilities
+        .unwrap()
+        .add
+        .unwrap();
+    assert_eq!(main_caps, ["SYS_PTRACE"]);
+    let probe = sidecar.readiness_probe.clone().unwrap().http_get.unwrap();
+    assert_eq!(
+        probe.http_headers.unwrap()[0].name,
+        "OPENSANDBOX-EGRESS-AUTH"
+    );
+
+    // Restarts and repeated reconciles change nothing.
+    drop(first);
+    let _second = Controller::start(&env.plane, &[]);
+    env.block(env.pods().delete("bs-0", &Default::default()))
+        .unwrap();
+    let recreated = eventually("pod recreated", Duration::from_secs(20), || {
+        env.block(env.pods().get_opt("bs-0"))
+            .unwrap()
+            .filter(|p| p.metadata.uid != pod.metadata.uid)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let ann = env.get("bs").unwrap().metadata.annotations.unwrap();
+    assert_eq!(ann["opensandbox.io/secure-access-token"], token);
+    assert_eq!(ann["opensandbox.io/egress-auth-token"], egress_token);
+    assert_eq!(recreated.spec.unwrap().containers.len(), 2);
+}
+
+#[test]
+fn standby_takes_over_when_the_leader_dies() {
+    let env = Env::new("leader");
+    let mut a = Controller::start(&env.plane, &["--identity", "a"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let _b = Controller::start(&env.plane, &["--identity", "b"]);
+    env.create(
+        "first",
+        json!({"replicas": 1, "template": template()}),
+        json!({}),
+    )
+    .unwrap();
+    eventually("leader reconciles", Duration::from_secs(20), || {
+        (env.pod_names("first").len() == 1).then_some(())
+    });
+    assert!(a.log_text().contains("became leader"));
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    let killed = Instant::now();
+    env.create(
+        "second",
+        json!({"replicas": 1, "template": template()}),
+        json!({}),
+    )
+    .unwrap();
+    eventually("standby reconciles", Duration::from_secs(20), || {
+        (env.pod_names("second").len() == 1).then_some(())
+    });
+    eprintln!("standby took over after {:?}", killed.elapsed());
+}
+
+#[test]
+fn thousand_sandboxes() {
+    let env = Env::new("many");
+    let _controller = Controller::start(&env.plane, &[]);
+    let n = 1000;
+    let start = Instant::now();
+    env.block(async {
+        use futures::StreamExt;
+        futures::stream::iter(0..n)
+            .map(|i| {
+                let api = env.boxes();
+                async move {
+                    let obj: DynamicObject = serde_json::from_value(json!({
+                        "apiVersion": "sandbox.opensandbox.io/v1alpha1", "kind": "BatchSandbox",
+                        "metadata": {"name": format!("sb-{i:04}")},
+                        "spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "main", "image": "sandbox:latest"}]}}},
+                    }))
+                    .unwrap();
+                    api.create(&PostParams::default(), &obj).await.unwrap();
+                }
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<_>>()
+            .await;
+    });
+    let all_pods = || {
+        env.block(env.pods().list(&ListParams::default().labels(LABEL_NAME)))
+            .unwrap()
+            .items
+    };
+    eventually("all pods created", Duration::from_secs(120), || {
+        (all_pods().len() == n).then_some(())
+    });
+    let created = start.elapsed();
+    env.block(async {
+        use futures::StreamExt;
+        futures::stream::iter(0..n)
+            .map(|i| {
+                let pods = env.pods();
+                async move {
+                    let ip = format!("127.1.{}.{}", i / 250, i % 250 + 1);
+                    let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                        "conditions": [{"type": "Ready", "status": "True"}]}});
+                    pods.patch_status(&format!("sb-{i:04}-0"), &PatchParams::default(), &Patch::Merge(status)).await.unwrap();
+                }
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<_>>()
+            .await;
+    });
+    eventually("all annotated and ready", Duration::from_secs(120), || {
+        let list = env.block(env.boxes().list(&Default::default())).unwrap();
+        let done = list
+            .items
+            .iter()
+            .filter(|o| o.data["status"]["ready"] == 1)
+            .count();
+        (done == n).then_some(())
+    });
+    eprintln!(
+        "1000 BatchSandboxes: pods created after {created:?}, all ready and annotated after {:?}",
+        start.elapsed()
+    );
+}
