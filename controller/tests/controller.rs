@@ -394,6 +394,19 @@ fn bad_templates_and_policies_fail_clearly() {
         .clone();
     assert_eq!(c["reason"], "FailedCreate");
     assert!(c["message"].as_str().unwrap().contains("image"), "{c}");
+    let events = env
+        .block(
+            Api::<k8s_openapi::api::events::v1::Event>::namespaced(env.plane.client.clone(), "bad")
+                .list(&Default::default()),
+        )
+        .unwrap();
+    assert!(
+        events
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("FailedCreate")),
+        "no FailedCreate event"
+    );
     let reconciles = |c: &Controller| {
         let body = support::client::blocking_get(
             format!("127.0.0.1:{}", c.health).parse().unwrap(),
