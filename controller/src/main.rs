@@ -73,6 +73,20 @@ struct Config {
     log_level: String,
 }
 
+/// Counts, from the controller's cache, the objects whose latest spec has not been reconciled.
+async fn report_backlog(store: kube::runtime::reflector::Store<DynamicObject>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let pending = store
+            .state()
+            .iter()
+            .filter(|o| o.data["status"]["observedGeneration"].as_i64() != o.metadata.generation)
+            .count();
+        metrics::metrics().pending.set(pending as i64);
+    }
+}
+
 async fn client(config: &Config) -> Result<Client, String> {
     let kube_config = match &config.kubeconfig {
         Some(path) if !path.to_string_lossy().contains(':') => {
@@ -170,7 +184,9 @@ async fn run(config: Config) -> Result<(), String> {
     let objects: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
     let pods: Api<Pod> = Api::all(client.clone());
     let controller = Controller::new_with(objects, watcher::Config::default(), resource)
-        .owns(pods, watcher::Config::default().labels(pod::LABEL_NAME))
+        .owns(pods, watcher::Config::default().labels(pod::LABEL_NAME));
+    tokio::spawn(report_backlog(controller.store()));
+    let controller = controller
         .shutdown_on_signal()
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {

@@ -13,6 +13,8 @@ pub struct Metrics {
     pub duration: Histogram,
     pub pods_created: IntCounter,
     pub leader: IntGauge,
+    /// BatchSandboxes whose latest generation has not been reconciled yet: the work backlog.
+    pub pending: IntGauge,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -39,6 +41,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
         leader: register_int_gauge!(opts!(
             "sandbox_controller_leader",
             "1 while this process holds the leader lease."
+        ))?,
+        pending: register_int_gauge!(opts!(
+            "sandbox_controller_pending_objects",
+            "BatchSandboxes whose latest generation the controller has not reconciled yet (the work backlog)."
         ))?,
     })
 }

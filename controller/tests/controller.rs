@@ -666,6 +666,21 @@ fn thousand_sandboxes() {
             .count();
         (done == n).then_some(())
     });
+    let health = format!("127.0.0.1:{}", _controller.health).parse().unwrap();
+    let metrics = support::client::blocking_get(health, "/metrics")
+        .unwrap()
+        .body_text();
+    assert!(
+        metrics.contains("sandbox_controller_pending_objects"),
+        "backlog metric missing"
+    );
+    assert!(metrics.contains("sandbox_controller_reconcile_duration_seconds_bucket"));
+    assert_eq!(
+        support::client::blocking_get(health, "/readyz")
+            .unwrap()
+            .status,
+        200
+    );
     eprintln!(
         "1000 BatchSandboxes: pods created after {created:?}, all ready and annotated after {:?}",
         start.elapsed()
