@@ -104,6 +104,10 @@ pub struct Config {
     #[arg(long, default_value_t = 10)]
     pub header_timeout_seconds: u64,
 
+    /// Idle keep-alive connections from clients are closed after this many seconds.
+    #[arg(long, default_value_t = 75)]
+    pub keepalive_timeout_seconds: u64,
+
     /// Largest request header accepted (request line and all fields); larger gets 431.
     #[arg(long, default_value_t = 65536)]
     pub max_header_bytes: usize,

@@ -23,7 +23,7 @@ use tokio::time::{Instant, Sleep};
 /// Where the connection is in reading a request header.
 #[derive(Debug)]
 enum Phase {
-    /// Idle between requests: the keep-alive timeout applies, not the header deadline.
+    /// Idle between requests: the deadline is the keep-alive timeout.
     Idle,
     /// Inside a header: `matched` counts the bytes of `\r\n\r\n` seen so far.
     Header { matched: u8 },
@@ -35,6 +35,7 @@ enum Phase {
 pub struct DeadlineStream {
     inner: Stream,
     timeout: Duration,
+    keepalive: Duration,
     phase: Phase,
     deadline: Pin<Box<Sleep>>,
     /// Set when a request finished, so the next bytes start a new header.
@@ -42,10 +43,11 @@ pub struct DeadlineStream {
 }
 
 impl DeadlineStream {
-    pub fn new(inner: Stream, timeout: Duration) -> Self {
+    pub fn new(inner: Stream, timeout: Duration, keepalive: Duration) -> Self {
         Self {
             inner,
             timeout,
+            keepalive,
             phase: Phase::Header { matched: 0 },
             deadline: Box::pin(tokio::time::sleep(timeout)),
             next_request: AtomicBool::new(false),
@@ -97,13 +99,21 @@ impl AsyncRead for DeadlineStream {
         let this = &mut *self;
         if this.next_request.swap(false, Ordering::AcqRel) {
             this.phase = Phase::Idle;
+            let at = Instant::now() + this.keepalive;
+            this.deadline.as_mut().reset(at);
         }
-        if matches!(this.phase, Phase::Header { .. }) && this.deadline.as_mut().poll(cx).is_ready()
-        {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "request header not received within the header timeout",
-            )));
+        match this.phase {
+            Phase::Header { .. } if this.deadline.as_mut().poll(cx).is_ready() => {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "request header not received within the header timeout",
+                )));
+            }
+            // An idle keep-alive connection past its timeout reads as closed by the client.
+            Phase::Idle if this.deadline.as_mut().poll(cx).is_ready() => {
+                return Poll::Ready(Ok(()));
+            }
+            _ => {}
         }
         let before = buf.filled().len();
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -203,6 +213,7 @@ pub fn request_done(stream: Option<&Stream>) {
 pub struct HeaderDeadline<A> {
     pub inner: Arc<A>,
     pub timeout: Duration,
+    pub keepalive: Duration,
 }
 
 #[async_trait]
@@ -212,7 +223,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let wrapped: Stream = Box::new(DeadlineStream::new(stream, self.timeout));
+        let wrapped: Stream = Box::new(DeadlineStream::new(stream, self.timeout, self.keepalive));
         self.inner.process_new(wrapped, shutdown).await
     }
 

@@ -56,6 +56,7 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
     let app = HeaderDeadline {
         inner: Arc::new(proxy),
         timeout: Duration::from_secs(config.header_timeout_seconds),
+        keepalive: Duration::from_secs(config.keepalive_timeout_seconds),
     };
     let mut listener = Service::new("sandbox gateway".to_owned(), app);
     listener.add_tcp(&socket(config.bind, config.port));

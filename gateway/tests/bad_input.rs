@@ -111,6 +111,28 @@ fn slow_header_clients_are_cut_off() {
     }
 }
 
+#[test]
+fn idle_keepalive_connections_are_closed() {
+    let (gw, _u, _d, host) = gateway(&["--keepalive-timeout-seconds", "1"]);
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let idle = Instant::now();
+    assert_eq!(
+        s.read(&mut buf).unwrap_or(0),
+        0,
+        "idle connection must be closed"
+    );
+    let waited = idle.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(3),
+        "closed after {waited:?}"
+    );
+}
+
 fn start_fails(args: &[&str]) -> String {
     let out = Command::new(gateway_binary())
         .args(args)
