@@ -613,24 +613,11 @@ fn thousand_sandboxes() {
     let _controller = Controller::start(&env.plane, &[]);
     let n = 1000;
     let start = Instant::now();
-    env.block(async {
-        use futures::StreamExt;
-        futures::stream::iter(0..n)
-            .map(|i| {
-                let api = env.boxes();
-                async move {
-                    let obj: DynamicObject = serde_json::from_value(json!({
-                        "apiVersion": "sandbox.opensandbox.io/v1alpha1", "kind": "BatchSandbox",
-                        "metadata": {"name": format!("sb-{i:04}")},
-                        "spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "main", "image": "sandbox:latest"}]}}},
-                    }))
-                    .unwrap();
-                    api.create(&PostParams::default(), &obj).await.unwrap();
-                }
-            })
-            .buffer_unordered(32)
-            .collect::<Vec<_>>()
-            .await;
+    env.plane.create_many(&env.ns, n, |i| {
+        json!({
+            "metadata": {"name": format!("sb-{i:04}")},
+            "spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "main", "image": "sandbox:latest"}]}}},
+        })
     });
     let all_pods = || {
         env.block(env.pods().list(&ListParams::default().labels(LABEL_NAME)))

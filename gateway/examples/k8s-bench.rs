@@ -12,7 +12,6 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use serde_json::json;
 use support::client::get;
 use support::k8s::{ControlPlane, Objects, batch_resource};
@@ -114,28 +113,13 @@ fn rss_kib(pid: u32) -> u64 {
 fn scale(n: usize) {
     let plane = ControlPlane::start();
     plane.create_namespace("scale");
-    let api: kube::Api<kube::api::DynamicObject> =
-        kube::Api::namespaced_with(plane.client.clone(), "scale", &batch_resource());
     let created = Instant::now();
-    plane.runtime.block_on(async {
-        futures_util::stream::iter(0..n)
-            .map(|i| {
-                let api = api.clone();
-                async move {
-                    let obj: kube::api::DynamicObject = serde_json::from_value(json!({
-                        "apiVersion": "sandbox.opensandbox.io/v1alpha1",
-                        "kind": "BatchSandbox",
-                        "metadata": {"name": format!("sbx-{i:07}"), "annotations": {
-                            "sandbox.opensandbox.io/endpoints": format!("[\"10.{}.{}.{}\"]", i / 65536 % 256, i / 256 % 256, i % 256)}},
-                        "spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "main", "image": "sandbox:latest", "args": ["--serve"]}]}}},
-                    }))
-                    .unwrap();
-                    api.create(&Default::default(), &obj).await.expect("create");
-                }
-            })
-            .buffer_unordered(64)
-            .collect::<Vec<_>>()
-            .await;
+    plane.create_many("scale", n, |i| {
+        json!({
+            "metadata": {"name": format!("sbx-{i:07}"), "annotations": {
+                "sandbox.opensandbox.io/endpoints": format!("[\"10.{}.{}.{}\"]", i / 65536 % 256, i / 256 % 256, i % 256)}},
+            "spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "main", "image": "sandbox:latest", "args": ["--serve"]}]}}},
+        })
     });
     eprintln!("created {n} BatchSandboxes in {:?}", created.elapsed());
     let baseline = {

@@ -382,28 +382,12 @@ fn survives_api_server_restarts_and_relists() {
 fn ready_only_after_the_initial_list_of_10000() {
     let plane = ControlPlane::start();
     plane.create_namespace("many");
-    let api: kube::Api<kube::api::DynamicObject> =
-        kube::Api::namespaced_with(plane.client.clone(), "many", &batch_resource());
     let created = Instant::now();
-    plane.runtime.block_on(async {
-        use futures::StreamExt;
-        futures::stream::iter(0..10_000)
-            .map(|i| {
-                let api = api.clone();
-                async move {
-                    let obj: kube::api::DynamicObject = serde_json::from_value(json!({
-                        "apiVersion": "sandbox.opensandbox.io/v1alpha1",
-                        "kind": "BatchSandbox",
-                        "metadata": {"name": format!("sbx-{i:05}"), "annotations": {"sandbox.opensandbox.io/endpoints": "[\"10.1.2.3\"]"}},
-                        "spec": {"replicas": 1},
-                    }))
-                    .unwrap();
-                    api.create(&Default::default(), &obj).await.expect("create");
-                }
-            })
-            .buffer_unordered(32)
-            .collect::<Vec<_>>()
-            .await;
+    plane.create_many("many", 10_000, |i| {
+        json!({
+            "metadata": {"name": format!("sbx-{i:05}"), "annotations": {"sandbox.opensandbox.io/endpoints": "[\"10.1.2.3\"]"}},
+            "spec": {"replicas": 1},
+        })
     });
     eprintln!("created 10000 BatchSandboxes in {:?}", created.elapsed());
     let start = Instant::now();

@@ -286,6 +286,31 @@ impl ControlPlane {
         }
     }
 
+    /// Creates `n` BatchSandboxes in `namespace`, 32 requests at a time; `object(i)` gives the
+    /// metadata and spec of the i-th.
+    pub fn create_many(&self, namespace: &str, n: usize, object: impl Fn(usize) -> Value) {
+        use futures::StreamExt;
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), namespace, &batch_resource());
+        self.runtime.block_on(
+            futures::stream::iter(0..n)
+                .map(|i| {
+                    let api = api.clone();
+                    let mut body = object(i);
+                    body["apiVersion"] = json!("sandbox.opensandbox.io/v1alpha1");
+                    body["kind"] = json!("BatchSandbox");
+                    async move {
+                        let obj: DynamicObject = serde_json::from_value(body).unwrap();
+                        api.create(&PostParams::default(), &obj)
+                            .await
+                            .expect("create BatchSandbox");
+                    }
+                })
+                .buffer_unordered(32)
+                .collect::<Vec<_>>(),
+        );
+    }
+
     pub fn create_namespace(&self, name: &str) {
         let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(self.client.clone());
         let ns = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
