@@ -104,6 +104,11 @@ pub struct Config {
     #[arg(long, default_value_t = 10)]
     pub header_timeout_seconds: u64,
 
+    /// Failed credential checks allowed per client address per minute before its requests to
+    /// secure sandboxes get 429 without being checked (0: unlimited).
+    #[arg(long, default_value_t = 60)]
+    pub auth_failures_per_minute: u32,
+
     /// Idle keep-alive connections from clients are closed after this many seconds.
     #[arg(long, default_value_t = 75)]
     pub keepalive_timeout_seconds: u64,

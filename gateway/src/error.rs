@@ -19,6 +19,8 @@ pub enum GatewayError {
     Ambiguous { id: String, found: String },
     #[error("{0}")]
     Denied(Denied),
+    #[error("too many failed credential checks from this client; try again later")]
+    TooManyFailures,
     #[error("upstream request failed: {0}")]
     Upstream(&'static str),
 }
@@ -35,6 +37,7 @@ impl GatewayError {
             GatewayError::Denied(Denied::Signature(SignatureError::NoKeys)) => 503,
             GatewayError::Denied(_) => 401,
             GatewayError::Upstream(_) => 502,
+            GatewayError::TooManyFailures => 429,
         }
     }
 

@@ -23,6 +23,7 @@ use crate::config::Mode;
 use crate::conn;
 use crate::drain::{Drain, InFlight};
 use crate::error::GatewayError;
+use crate::limit::FailureLimit;
 use crate::metrics::{self, metrics};
 use crate::route::{self, Route, RouteError};
 use crate::table::{Entry, RouteTable};
@@ -47,6 +48,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Failed credential checks allowed per client per minute (0: unlimited).
+    pub auth_failures_per_minute: u32,
 }
 
 pub struct Gateway {
@@ -55,6 +58,7 @@ pub struct Gateway {
     keys: Arc<ArcSwap<KeyRing>>,
     drain: Arc<Drain>,
     limits: Limits,
+    failures: FailureLimit,
     /// Request counters by status class, resolved once so the hot path does no label lookup.
     by_class: [IntCounter; 6],
     duration: Histogram,
@@ -76,6 +80,7 @@ impl Gateway {
             keys,
             drain,
             limits,
+            failures: FailureLimit::new(limits.auth_failures_per_minute, Duration::from_secs(60)),
             by_class: [
                 class("1xx"),
                 class("2xx"),
@@ -122,12 +127,26 @@ impl Gateway {
             }
         };
         if let Some(token) = routable.token.as_deref() {
+            let client = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip());
+            if client.is_some_and(|ip| self.failures.blocked(ip)) {
+                metrics()
+                    .auth_failures
+                    .with_label_values(&["rate_limited"])
+                    .inc();
+                return Err(GatewayError::TooManyFailures);
+            }
             let header = req
                 .headers
                 .get(names::HEADER_SECURE_ACCESS)
                 .map(|v| v.as_bytes());
             access::check(token, header, &route, &self.keys.load(), unix_now()).map_err(
                 |denied| {
+                    if let Some(ip) = client {
+                        self.failures.failed(ip);
+                    }
                     metrics()
                         .auth_failures
                         .with_label_values(&[denied.reason()])

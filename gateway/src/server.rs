@@ -42,6 +42,7 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
         max_header_bytes: config.max_header_bytes,
         connect_timeout: Duration::from_millis(config.upstream_connect_timeout_ms),
         idle_timeout: Duration::from_secs(config.upstream_idle_timeout_seconds),
+        auth_failures_per_minute: config.auth_failures_per_minute,
     };
 
     let gateway = Gateway::new(

@@ -144,6 +144,45 @@ fn header_mode_secure_access() {
 }
 
 #[test]
+fn failed_credentials_are_rate_limited_per_client() {
+    let ip = unique_loopback();
+    let _up = Upstream::start(ip, 7777);
+    let dir = TempDir::new();
+    let e = format!(r#"["{ip}"]"#);
+    let docs = [
+        batch_sandbox("sec", "a", 1, Some(&e), Some("annot-token")),
+        batch_sandbox("nosec", "a", 1, Some(&e), None),
+    ];
+    let file = dir.write("s.yaml", &docs.join("---\n"));
+    let opts = GatewayOptions {
+        keys: Some("k=cHFycw=="),
+        extra: vec!["--auth-failures-per-minute".into(), "3".into()],
+        ..Default::default()
+    };
+    let gw = Gateway::start(&file, opts);
+    for forged in [
+        "sec-7777-x2qxvk-aabbccd1k.gw",
+        "sec-7777-x2qxvk-aabbccd2k.gw",
+        "sec-7777-x2qxvk-aabbccd3k.gw",
+    ] {
+        assert_refused(&host(&gw, forged, &[]), 401);
+    }
+    // Out of attempts: even a valid signature is not checked now.
+    let limited = host(&gw, "sec-7777-x2qxvk-65ad791ek.gw", &[]);
+    assert_refused(&limited, 429);
+    assert_refused(
+        &host(
+            &gw,
+            "sec-7777.gw",
+            &[("OpenSandbox-Secure-Access", "annot-token")],
+        ),
+        429,
+    );
+    assert_proxied(&host(&gw, "nosec-7777.gw", &[]), "/probe");
+    assert!(gw.metric("sandbox_gateway_auth_failures_total{reason=\"rate_limited\"}") >= 2.0);
+}
+
+#[test]
 fn signed_label_without_keys_is_unavailable() {
     let s = scenario("header", None, &[7777], &[]);
     assert_refused(&host(&s.gw, "sec-7777-x2qxvk-65ad791ek.gw", &[]), 503);
