@@ -131,7 +131,7 @@ impl Gateway {
                 .client_addr()
                 .and_then(|a| a.as_inet())
                 .map(|a| a.ip());
-            if client.is_some_and(|ip| self.failures.blocked(ip)) {
+            if client.is_some_and(|ip| self.failures.blocked(ip, route.id)) {
                 metrics()
                     .auth_failures
                     .with_label_values(&["rate_limited"])
@@ -145,7 +145,7 @@ impl Gateway {
             access::check(token, header, &route, &self.keys.load(), unix_now()).map_err(
                 |denied| {
                     if let Some(ip) = client {
-                        self.failures.failed(ip);
+                        self.failures.failed(ip, route.id);
                     }
                     metrics()
                         .auth_failures

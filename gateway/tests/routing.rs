@@ -152,6 +152,7 @@ fn failed_credentials_are_rate_limited_per_client() {
     let docs = [
         batch_sandbox("sec", "a", 1, Some(&e), Some("annot-token")),
         batch_sandbox("nosec", "a", 1, Some(&e), None),
+        batch_sandbox("sec2", "a", 1, Some(&e), Some("other-token")),
     ];
     let file = dir.write("s.yaml", &docs.join("---\n"));
     let opts = GatewayOptions {
@@ -179,6 +180,16 @@ fn failed_credentials_are_rate_limited_per_client() {
         429,
     );
     assert_proxied(&host(&gw, "nosec-7777.gw", &[]), "/probe");
+    // Other secure sandboxes keep their own budget.
+    assert_refused(&host(&gw, "sec2-7777.gw", &[]), 401);
+    assert_proxied(
+        &host(
+            &gw,
+            "sec2-7777.gw",
+            &[("OpenSandbox-Secure-Access", "other-token")],
+        ),
+        "/probe",
+    );
     assert!(gw.metric("sandbox_gateway_auth_failures_total{reason=\"rate_limited\"}") >= 2.0);
 }
 
