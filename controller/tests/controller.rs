@@ -13,8 +13,7 @@ use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use support::client::get;
 use support::k8s::{ControlPlane, batch_resource};
-use support::upstream::Upstream;
-use support::{Gateway, GatewayOptions, TempDir, free_port, unique_loopback};
+use support::{GatewayOptions, TempDir, free_port};
 
 const LABEL_NAME: &str = "batch-sandbox.sandbox.opensandbox.io/name";
 const LABEL_INDEX: &str = "batch-sandbox.sandbox.opensandbox.io/pod-index";
@@ -229,10 +228,8 @@ fn end_to_end_controller_to_gateway() {
     assert_eq!(spec.hostname.as_deref(), Some("sandbox-host"));
     assert_eq!(spec.containers[0].args.clone().unwrap(), ["--serve"]);
 
-    let (ip3, ip4) = (unique_loopback(), unique_loopback());
-    let up3 = Upstream::start(ip3, 0);
-    let port = up3.addr.port();
-    let _up4 = Upstream::start(ip4, port);
+    let (up3, up4) = support::upstream::pair();
+    let (ip3, ip4, port) = (up3.addr.ip(), up4.addr.ip(), up3.addr.port());
     env.kubelet_ready("bs-0", &ip3.to_string());
     env.kubelet_ready("bs-1", &ip4.to_string());
     let want = format!(r#"["{ip3}","{ip4}"]"#);
@@ -261,13 +258,9 @@ fn end_to_end_controller_to_gateway() {
         (Some("True"), Some("PodsReady"))
     );
 
-    let gw = Gateway::spawn_with(
-        vec![
-            "--provider-type".into(),
-            "batchsandbox".into(),
-            "--kubeconfig".into(),
-            env.plane.kubeconfig.display().to_string(),
-        ],
+    let gw = support::kube_gateway(
+        &env.plane.kubeconfig,
+        "batchsandbox",
         GatewayOptions::default(),
     );
     gw.wait_ready();

@@ -15,21 +15,14 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use support::client::get;
 use support::k8s::{ControlPlane, Objects, batch_resource};
-use support::upstream::Upstream;
-use support::{Gateway, GatewayOptions, unique_loopback};
+use support::{Gateway, GatewayOptions};
 
 fn gateway(plane: &ControlPlane) -> Gateway {
-    let provider = vec![
-        "--provider-type".into(),
-        "batchsandbox".into(),
-        "--kubeconfig".into(),
-        plane.kubeconfig.display().to_string(),
-    ];
     let opts = GatewayOptions {
         extra: vec!["--access-log=false".into()],
         ..Default::default()
     };
-    Gateway::spawn_with(provider, opts)
+    support::kube_gateway(&plane.kubeconfig, "batchsandbox", opts)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -39,10 +32,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn propagation(n: usize) {
     let plane = ControlPlane::start();
     plane.create_namespace("bench");
-    let (ip1, ip2) = (unique_loopback(), unique_loopback());
-    let u1 = Upstream::start(ip1, 0);
-    let port = u1.addr.port();
-    let _u2 = Upstream::start(ip2, port);
+    let (u1, u2) = support::upstream::pair();
+    let (ip1, ip2, port) = (u1.addr.ip(), u2.addr.ip(), u1.addr.port());
     let boxes = Objects::new(&plane, "bench", &batch_resource());
     let endpoints =
         |ip: std::net::IpAddr| json!({"sandbox.opensandbox.io/endpoints": format!("[\"{ip}\"]")});

@@ -146,15 +146,14 @@ pub fn metrics() -> &'static Metrics {
     &METRICS
 }
 
-/// Label for a status code's class.
-pub fn status_class(status: u16) -> &'static str {
+/// Status classes, as metric labels.
+pub const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
+
+/// Index into [`CLASSES`] of a status code's class.
+pub fn class_index(status: u16) -> usize {
     match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        500..=599 => "5xx",
-        _ => "other",
+        100..=599 => usize::from(status / 100 - 1),
+        _ => 5,
     }
 }
 
@@ -173,8 +172,11 @@ mod tests {
             .requests
             .with_label_values(&["header", "2xx"])
             .inc();
-        assert_eq!(status_class(404), "4xx");
-        assert_eq!(status_class(0), "other");
+        assert_eq!(CLASSES[class_index(404)], "4xx");
+        assert_eq!(CLASSES[class_index(101)], "1xx");
+        assert_eq!(CLASSES[class_index(599)], "5xx");
+        assert_eq!(CLASSES[class_index(0)], "other");
+        assert_eq!(CLASSES[class_index(600)], "other");
         let text = prometheus::TextEncoder::new()
             .encode_to_string(&prometheus::gather())
             .unwrap();

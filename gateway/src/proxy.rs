@@ -81,14 +81,7 @@ impl Gateway {
             drain,
             limits,
             failures: FailureLimit::new(limits.auth_failures_per_minute, Duration::from_secs(60)),
-            by_class: [
-                class("1xx"),
-                class("2xx"),
-                class("3xx"),
-                class("4xx"),
-                class("5xx"),
-                class("other"),
-            ],
+            by_class: metrics::CLASSES.map(class),
             duration: metrics::duration_for(mode.label()),
         }
     }
@@ -461,14 +454,7 @@ impl ProxyHttp for Gateway {
         let status = session
             .response_written()
             .map_or(ctx.status, |r| r.status.as_u16());
-        let class = match status {
-            100..=199 => 0,
-            200..=299 => 1,
-            300..=399 => 2,
-            400..=499 => 3,
-            500..=599 => 4,
-            _ => 5,
-        };
+        let class = metrics::class_index(status);
         self.by_class[class].inc();
         let elapsed = ctx.start.elapsed();
         self.duration.observe(elapsed.as_secs_f64());

@@ -11,19 +11,8 @@ use support::k8s::{ControlPlane, Objects, agent_resource, batch_resource};
 use support::upstream::Upstream;
 use support::{Gateway, GatewayOptions, unique_loopback};
 
-fn gateway(
-    plane: &ControlPlane,
-    kubeconfig: &std::path::Path,
-    opts: GatewayOptions<'_>,
-) -> Gateway {
-    let provider = vec![
-        "--provider-type".into(),
-        "batchsandbox,agent-sandbox".into(),
-        "--kubeconfig".into(),
-        kubeconfig.display().to_string(),
-    ];
-    let _ = plane;
-    Gateway::spawn_with(provider, opts)
+fn gateway(kubeconfig: &std::path::Path, opts: GatewayOptions<'_>) -> Gateway {
+    support::kube_gateway(kubeconfig, "batchsandbox,agent-sandbox", opts)
 }
 
 fn request(gw: &Gateway, host: &str) -> Response {
@@ -72,13 +61,11 @@ fn endpoints(ips: &[String]) -> Value {
 fn batch_sandbox_routes_follow_the_object() {
     let plane = ControlPlane::start();
     plane.create_namespace("lifecycle");
-    let (ip1, ip2) = (unique_loopback(), unique_loopback());
-    let u1 = Upstream::start(ip1, 0);
-    let port = u1.addr.port();
-    let _u2 = Upstream::start(ip2, port);
+    let (u1, u2) = support::upstream::pair();
+    let (ip1, ip2, port) = (u1.addr.ip(), u2.addr.ip(), u1.addr.port());
     let boxes = Objects::new(&plane, "lifecycle", &batch_resource());
     boxes.create("box", endpoints(&[ip1.to_string()]), ready_status(1));
-    let gw = gateway(&plane, &plane.kubeconfig, GatewayOptions::default());
+    let gw = gateway(&plane.kubeconfig, GatewayOptions::default());
     gw.wait_ready();
     let host = format!("box-{port}.sandbox.test");
     assert_eq!(
@@ -122,7 +109,7 @@ fn agent_sandbox_routes_by_service_name() {
         json!({}),
         ready("sandbox.does-not-exist.invalid", "True"),
     );
-    let gw = gateway(&plane, &plane.kubeconfig, GatewayOptions::default());
+    let gw = gateway(&plane.kubeconfig, GatewayOptions::default());
     gw.wait_ready();
     let host = format!("agent-{port}.sandbox.test");
     eventually(&gw, &host, "agent routable", |r| r.status == 200);
@@ -160,7 +147,6 @@ fn namespaces_clashes_and_secure_access() {
     );
     a.create("sec", Value::Object(secure), ready_status(1));
     let gw = gateway(
-        &plane,
         &plane.kubeconfig,
         GatewayOptions {
             keys: Some("k=cHFycw=="),
@@ -235,7 +221,7 @@ fn bad_endpoints_never_route() {
         ],
         ..Default::default()
     };
-    let gw = gateway(&plane, &plane.kubeconfig, opts);
+    let gw = gateway(&plane.kubeconfig, opts);
     gw.wait_ready();
     for name in [
         "notjson",
@@ -267,7 +253,7 @@ fn bad_endpoints_never_route() {
 #[test]
 fn missing_crd_and_missing_permissions_are_explained() {
     let plane = ControlPlane::start_with_crds(false);
-    let gw = gateway(&plane, &plane.kubeconfig, GatewayOptions::default());
+    let gw = gateway(&plane.kubeconfig, GatewayOptions::default());
     std::thread::sleep(Duration::from_secs(2));
     let ready = get(gw.metrics, "/readyz", &[]);
     assert_eq!(ready.status, 503);
@@ -287,7 +273,7 @@ fn missing_crd_and_missing_permissions_are_explained() {
     gw.wait_ready();
 
     let plane = ControlPlane::start();
-    let limited = gateway(&plane, &plane.limited_kubeconfig, GatewayOptions::default());
+    let limited = gateway(&plane.limited_kubeconfig, GatewayOptions::default());
     let start = Instant::now();
     while !limited
         .log_text()
@@ -307,14 +293,12 @@ fn missing_crd_and_missing_permissions_are_explained() {
 fn survives_api_server_restarts_and_relists() {
     let mut plane = ControlPlane::start();
     plane.create_namespace("restart");
-    let (ip1, ip2) = (unique_loopback(), unique_loopback());
-    let u1 = Upstream::start(ip1, 0);
-    let port = u1.addr.port();
-    let _u2 = Upstream::start(ip2, port);
+    let (u1, u2) = support::upstream::pair();
+    let (ip1, ip2, port) = (u1.addr.ip(), u2.addr.ip(), u1.addr.port());
     let boxes = Objects::new(&plane, "restart", &batch_resource());
     boxes.create("stay", endpoints(&[ip1.to_string()]), ready_status(1));
     boxes.create("gone", endpoints(&[ip1.to_string()]), ready_status(1));
-    let gw = gateway(&plane, &plane.kubeconfig, GatewayOptions::default());
+    let gw = gateway(&plane.kubeconfig, GatewayOptions::default());
     gw.wait_ready();
     let stay = format!("stay-{port}.gw");
 
@@ -391,7 +375,7 @@ fn ready_only_after_the_initial_list_of_10000() {
     });
     eprintln!("created 10000 BatchSandboxes in {:?}", created.elapsed());
     let start = Instant::now();
-    let gw = gateway(&plane, &plane.kubeconfig, GatewayOptions::default());
+    let gw = gateway(&plane.kubeconfig, GatewayOptions::default());
     let mut not_ready_seen = 0;
     loop {
         let r = support::client::blocking_get(gw.metrics, "/readyz");

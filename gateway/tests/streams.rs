@@ -10,28 +10,15 @@ use std::time::{Duration, Instant};
 
 use support::client::{parse, request};
 use support::upstream::Upstream;
-use support::{Gateway, GatewayOptions, TempDir, batch_sandbox, unique_loopback};
+use support::{Gateway, GatewayOptions, TempDir};
 use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
 
 fn setup(mode: &str) -> (Gateway, Upstream, TempDir) {
-    let ip = unique_loopback();
-    let upstream = Upstream::start(ip, 0);
-    let dir = TempDir::new();
-    let file = dir.write(
-        "s.yaml",
-        &batch_sandbox("box", "a", 1, Some(&format!(r#"["{ip}"]"#)), None),
-    );
-    (
-        Gateway::start(
-            &file,
-            GatewayOptions {
-                mode,
-                ..Default::default()
-            },
-        ),
-        upstream,
-        dir,
-    )
+    let (gw, upstream, dir, _) = support::single_sandbox(GatewayOptions {
+        mode,
+        ..Default::default()
+    });
+    (gw, upstream, dir)
 }
 
 fn websocket_echo(gw: &Gateway, path: &str, host: &str, connection: &str) {

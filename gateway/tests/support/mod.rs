@@ -228,3 +228,29 @@ impl Drop for Gateway {
         let _ = self.child.wait();
     }
 }
+
+/// One open sandbox `box` on a loopback address of its own, in front of a fresh upstream, with
+/// a gateway in `opts.mode`. Returns the gateway, the upstream, the directory holding the
+/// sandbox file, and the Host that routes to the upstream.
+pub fn single_sandbox(opts: GatewayOptions<'_>) -> (Gateway, upstream::Upstream, TempDir, String) {
+    let ip = unique_loopback();
+    let upstream = upstream::Upstream::start(ip, 0);
+    let dir = TempDir::new();
+    let file = dir.write(
+        "s.yaml",
+        &batch_sandbox("box", "a", 1, Some(&format!(r#"["{ip}"]"#)), None),
+    );
+    let host = format!("box-{}.sandbox.test", upstream.addr.port());
+    (Gateway::start(&file, opts), upstream, dir, host)
+}
+
+/// The gateway on Kubernetes `providers` (e.g. `batchsandbox,agent-sandbox`), not yet ready.
+pub fn kube_gateway(kubeconfig: &Path, providers: &str, opts: GatewayOptions<'_>) -> Gateway {
+    let provider = vec![
+        "--provider-type".into(),
+        providers.into(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+    ];
+    Gateway::spawn_with(provider, opts)
+}

@@ -70,6 +70,14 @@ impl Upstream {
     }
 }
 
+/// Two upstreams on two loopback addresses of their own, listening on the same port, so a
+/// sandbox can be moved from one to the other by changing only its address.
+pub fn pair() -> (Upstream, Upstream) {
+    let first = Upstream::start(super::unique_loopback(), 0);
+    let second = Upstream::start(super::unique_loopback(), first.addr.port());
+    (first, second)
+}
+
 impl Drop for Upstream {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
