@@ -25,7 +25,7 @@ struct Layer {
     prefixes: Vec<(bool, u8)>,
 }
 
-fn bits(ip: IpAddr) -> (bool, u128) {
+pub fn bits(ip: IpAddr) -> (bool, u128) {
     match ip {
         IpAddr::V4(v4) => (false, u128::from(u32::from(v4))),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -35,7 +35,27 @@ fn bits(ip: IpAddr) -> (bool, u128) {
     }
 }
 
-fn mask(v6: bool, value: u128, prefix: u8) -> u128 {
+/// An IP or CIDR target as (is IPv6, address bits, prefix length); IPv4-mapped IPv6 addresses
+/// and blocks are IPv4. `None` for names.
+pub fn parse_net(target: &str) -> Option<(bool, u128, u8)> {
+    if let Ok(ip) = target.parse::<IpAddr>() {
+        let (v6, value) = bits(ip);
+        return Some((v6, value, if v6 { 128 } else { 32 }));
+    }
+    let (ip, prefix) = target.split_once('/')?;
+    let (ip, prefix) = (ip.parse::<IpAddr>().ok()?, prefix.parse::<u8>().ok()?);
+    let (v6, value) = bits(ip);
+    // An IPv4-mapped IPv6 block is an IPv4 block 96 bits shorter.
+    let prefix = if !v6 && ip.is_ipv6() {
+        prefix.saturating_sub(96)
+    } else {
+        prefix
+    };
+    let prefix = prefix.min(if v6 { 128 } else { 32 });
+    Some((v6, mask(v6, value, prefix), prefix))
+}
+
+pub fn mask(v6: bool, value: u128, prefix: u8) -> u128 {
     let width = if v6 { 128 } else { 32 };
     if prefix == 0 {
         0
@@ -56,20 +76,8 @@ impl Layer {
         for (index, rule) in rules.iter().enumerate() {
             let target = canonical(&rule.target);
             let entry = (index, rule.action);
-            if let Ok(ip) = target.parse::<IpAddr>() {
-                let (v6, value) = bits(ip);
-                layer.add_net(v6, value, if v6 { 128 } else { 32 }, entry);
-            } else if let Some((ip, prefix)) = target.split_once('/') {
-                if let (Ok(ip), Ok(prefix)) = (ip.parse::<IpAddr>(), prefix.parse::<u8>()) {
-                    let (v6, value) = bits(ip);
-                    // An IPv4-mapped IPv6 block is an IPv4 block 96 bits shorter.
-                    let prefix = if !v6 && ip.is_ipv6() {
-                        prefix.saturating_sub(96)
-                    } else {
-                        prefix
-                    };
-                    layer.add_net(v6, value, prefix.min(if v6 { 128 } else { 32 }), entry);
-                }
+            if let Some((v6, value, prefix)) = parse_net(&target) {
+                layer.add_net(v6, value, prefix, entry);
             } else if let Some(suffix) = target.strip_prefix("*.") {
                 keep_first(&mut layer.wildcard, suffix.to_owned(), entry);
             } else {

@@ -1,5 +1,12 @@
-//! The egress sidecar's decision logic. The DNS proxy, nftables programming and policy API
-//! build on the evaluator in [`engine`].
+//! The egress sidecar: a DNS proxy that answers only allowed names, nftables sets that admit
+//! only allowed addresses, and an authenticated HTTP API to read and change the policy.
 #![forbid(unsafe_code)]
 
+pub mod always;
+pub mod api;
+pub mod config;
+pub mod dns;
 pub mod engine;
+pub mod metrics;
+pub mod nft;
+pub mod state;

@@ -5,11 +5,26 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     Allow,
     Deny,
+}
+
+/// Actions are read as the reference reads them: trimmed, any case, empty meaning `deny`;
+/// anything else is an error (an unknown action is never taken as `allow`).
+impl<'de> Deserialize<'de> for Action {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.trim().to_ascii_lowercase().as_str() {
+            "allow" => Ok(Action::Allow),
+            "deny" | "" => Ok(Action::Deny),
+            _ => Err(serde::de::Error::custom(format_args!(
+                "unsupported action {text:?} (expected \"allow\" or \"deny\")"
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,7 +72,7 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
     Ok(policy)
 }
 
-fn validate_target(target: &str) -> Result<(), &'static str> {
+pub fn validate_target(target: &str) -> Result<(), &'static str> {
     let t = target.trim().trim_end_matches('.');
     if t.is_empty() {
         return Err("empty target");
@@ -113,5 +128,11 @@ mod tests {
             parse(r#"{"egress":[{"action":"permit","target":"a.b"}]}"#),
             Err(PolicyError::Json(_))
         ));
+        let p = parse(r#"{"defaultAction":" ALLOW ","egress":[{"action":"","target":"a.b"}]}"#)
+            .unwrap();
+        assert_eq!(p.default_action, Action::Allow);
+        assert_eq!(p.egress[0].action, Action::Deny, "empty action means deny");
+        let e = parse(r#"{"defaultAction":"allwo"}"#).unwrap_err().to_string();
+        assert!(e.contains("unsupported action \"allwo\""), "{e}");
     }
 }

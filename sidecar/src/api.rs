@@ -1,0 +1,291 @@
+//! The policy API on `:18080`, with the reference's routes, bodies and status codes:
+//! `GET/POST/PUT/PATCH/DELETE /policy` (token in `OPENSANDBOX-EGRESS-AUTH` when one is set),
+//! `GET /healthz`, and `GET /metrics`. Errors are plain text, successes JSON.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use sandbox_api::policy::{self, Policy, Rule};
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+
+use crate::config::{Mode, deny_all};
+use crate::metrics;
+use crate::state::{self, State};
+
+pub const AUTH_HEADER: &str = "OPENSANDBOX-EGRESS-AUTH";
+/// Largest request body; a larger one is refused with 413 (the reference silently truncates).
+pub const MAX_BODY: usize = 1 << 20;
+
+pub struct Api {
+    pub state: Arc<State>,
+    pub token: Option<String>,
+    /// Write requests run one at a time, so a PATCH merges into the policy it read.
+    pub writes: tokio::sync::Mutex<()>,
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn text(code: StatusCode, body: &str) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r.headers_mut().insert(
+        "x-content-type-options",
+        header::HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+fn json_reply(value: &Value) -> Reply {
+    let mut body = serde_json::to_vec(value).unwrap_or_default();
+    body.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn enforcement(mode: Mode) -> &'static str {
+    mode.as_str()
+}
+
+impl Api {
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let Some(given) = req.headers().get(AUTH_HEADER) else {
+            return false;
+        };
+        let given = given.as_bytes();
+        given.len() == token.len() && bool::from(given.ct_eq(token.as_bytes()))
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>) -> Reply {
+        let reply = self.route(req).await;
+        metrics::API_REQUESTS
+            .with_label_values(&[reply.status().as_str()])
+            .inc();
+        reply
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Reply {
+        match req.uri().path() {
+            "/healthz" => {
+                let mut r = Response::new(Full::new(Bytes::from_static(b"ok")));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                r
+            }
+            "/metrics" => {
+                let mut r = Response::new(Full::new(Bytes::from(metrics::render())));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                r
+            }
+            "/policy" => {
+                if !self.authorized(&req) {
+                    tracing::warn!(target: "audit", event = "api.unauthorized", method = %req.method(), "policy API request without a valid token");
+                    return text(StatusCode::UNAUTHORIZED, "unauthorized");
+                }
+                let method = req.method().clone();
+                if method == Method::GET {
+                    return self.get().await;
+                }
+                if ![Method::POST, Method::PUT, Method::PATCH, Method::DELETE].contains(&method) {
+                    let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+                    r.headers_mut().insert(
+                        header::ALLOW,
+                        header::HeaderValue::from_static("GET, POST, PUT, PATCH, DELETE"),
+                    );
+                    return r;
+                }
+                let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                        return text(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            &format!("request body exceeds {MAX_BODY} bytes"),
+                        );
+                    }
+                    Err(e) => {
+                        return text(StatusCode::BAD_REQUEST, &format!("cannot read body: {e}"));
+                    }
+                };
+                let body = String::from_utf8_lossy(&body);
+                let body = body.trim();
+                let _serial = self.writes.lock().await;
+                match method {
+                    Method::PATCH => self.patch(body).await,
+                    Method::DELETE => self.delete(body).await,
+                    _ => self.replace(body).await,
+                }
+            }
+            _ => text(StatusCode::NOT_FOUND, "404 page not found"),
+        }
+    }
+
+    async fn get(&self) -> Reply {
+        let policy = self.state.policy().await;
+        json_reply(&json!({
+            "status": "ok",
+            "mode": state::mode_name(&policy),
+            "enforcementMode": enforcement(self.state.mode),
+            "policy": policy,
+        }))
+    }
+
+    fn too_many(&self, count: usize) -> Option<Reply> {
+        (count > self.state.max_rules).then(|| {
+            text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!(
+                    "egress rule total count {count} exceeds limit {}",
+                    self.state.max_rules
+                ),
+            )
+        })
+    }
+
+    async fn commit(&self, policy: Policy, reason: Option<&str>) -> Reply {
+        let mode = state::mode_name(&policy);
+        if let Err(e) = self.state.set_policy(policy, "api").await {
+            tracing::error!(error = %e, "policy change failed");
+            return text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
+        }
+        let mut out = json!({"status": "ok", "mode": mode, "enforcementMode": enforcement(self.state.mode)});
+        if let Some(reason) = reason {
+            out["reason"] = json!(reason);
+        }
+        json_reply(&out)
+    }
+
+    /// POST and PUT: the whole policy; an empty body resets to deny-all.
+    async fn replace(&self, body: &str) -> Reply {
+        if body.is_empty() {
+            return self
+                .commit(deny_all(), Some("policy reset to default deny-all"))
+                .await;
+        }
+        let policy = if body == "null" {
+            deny_all()
+        } else {
+            match policy::parse(body) {
+                Ok(p) => p,
+                Err(e) => return text(StatusCode::BAD_REQUEST, &format!("invalid policy: {e}")),
+            }
+        };
+        if let Some(r) = self.too_many(policy.egress.len()) {
+            return r;
+        }
+        self.commit(policy, None).await
+    }
+
+    /// PATCH: an array of rules merged in front of the current ones.
+    async fn patch(&self, body: &str) -> Reply {
+        if body.is_empty() {
+            return text(StatusCode::BAD_REQUEST, "empty body");
+        }
+        let rules: Option<Vec<Rule>> = match serde_json::from_str(body) {
+            Ok(r) => r,
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("invalid patch rules: {e}"),
+                );
+            }
+        };
+        let rules = rules.unwrap_or_default();
+        if rules.is_empty() {
+            return text(StatusCode::BAD_REQUEST, "invalid patch rules: empty array");
+        }
+        let merged = state::merge(&self.state.policy().await, &rules);
+        let text_policy = serde_json::to_string(&merged).unwrap_or_default();
+        let merged = match policy::parse(&text_policy) {
+            Ok(p) => p,
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("invalid merged policy: {e}"),
+                );
+            }
+        };
+        if let Some(r) = self.too_many(merged.egress.len()) {
+            return r;
+        }
+        self.commit(merged, None).await
+    }
+
+    /// DELETE: an array of targets to remove.
+    async fn delete(&self, body: &str) -> Reply {
+        if body.is_empty() {
+            return text(StatusCode::BAD_REQUEST, "empty body");
+        }
+        let targets: Option<Vec<String>> = match serde_json::from_str(body) {
+            Ok(t) => t,
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("invalid delete targets: {e}"),
+                );
+            }
+        };
+        let targets = targets.unwrap_or_default();
+        if targets.is_empty() {
+            return text(StatusCode::BAD_REQUEST, "invalid delete targets: empty array");
+        }
+        let mut policy = self.state.policy().await;
+        if state::remove(&mut policy, &targets) == 0 {
+            return json_reply(&json!({
+                "status": "ok",
+                "mode": state::mode_name(&policy),
+                "enforcementMode": enforcement(self.state.mode),
+                "reason": "no matching targets found",
+            }));
+        }
+        self.commit(policy, None).await
+    }
+}
+
+/// Serves the API until the process ends.
+pub async fn serve(api: Arc<Api>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let api = api.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let api = api.clone();
+                async move { Ok::<_, Infallible>(api.handle(req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(Duration::from_secs(10))
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = conn.await;
+        });
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

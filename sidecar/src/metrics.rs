@@ -1,0 +1,134 @@
+//! Prometheus metrics, served at `/metrics` on the API port.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(c: C) -> C {
+    // Names are constants; registering twice is a programming error caught by the tests.
+    let _ = REGISTRY.register(Box::new(c.clone()));
+    c
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{e}")))
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    register(IntCounter::new(name, help).unwrap_or_else(|e| panic!("{e}")))
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    register(IntGauge::new(name, help).unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// DNS queries by verdict: `allowed`, `denied`, `servfail` (upstreams failed), `formerr`
+/// (malformed or no question), `notimp` (not a QUERY).
+pub static QUERIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "egress_dns_queries_total",
+        "DNS queries answered by the proxy, by verdict.",
+        &["verdict"],
+    )
+});
+
+pub static CACHE_HITS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "egress_dns_cache_hits_total",
+        "Allowed queries answered from the answer cache.",
+    )
+});
+
+pub static UPSTREAM_LATENCY: LazyLock<Histogram> = LazyLock::new(|| {
+    register(
+        Histogram::with_opts(
+            HistogramOpts::new(
+                "egress_dns_upstream_duration_seconds",
+                "Time to get an answer from an upstream resolver (one attempt).",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )
+        .unwrap_or_else(|e| panic!("{e}")),
+    )
+});
+
+pub static UPSTREAM_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "egress_dns_upstream_failures_total",
+        "Upstream attempts that timed out, failed or answered SERVFAIL/REFUSED, by upstream.",
+        &["upstream"],
+    )
+});
+
+pub static NFT_UPDATES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "egress_nft_updates_total",
+        "nftables transactions, by kind (static: policy; dynamic: learned addresses) and result.",
+        &["kind", "result"],
+    )
+});
+
+pub static LEARNED: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "egress_nft_learned_addresses",
+        "Addresses admitted from allowed DNS answers and not yet expired.",
+    )
+});
+
+pub static RULES: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "egress_policy_rules",
+        "Rules in force: user policy plus the always-rule files.",
+    )
+});
+
+pub static POLICY_CHANGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "egress_policy_changes_total",
+        "Policy changes applied, by source (env, file, api, always-file).",
+        &["source"],
+    )
+});
+
+pub static API_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "egress_api_requests_total",
+        "Policy API requests, by status code.",
+        &["code"],
+    )
+});
+
+pub fn nft_update(kind: &str, ok: bool) {
+    NFT_UPDATES
+        .with_label_values(&[kind, if ok { "ok" } else { "error" }])
+        .inc();
+}
+
+/// Registers every metric, so all appear from the first scrape.
+pub fn init() {
+    LazyLock::force(&QUERIES);
+    for verdict in ["allowed", "denied", "servfail", "formerr", "notimp"] {
+        QUERIES.with_label_values(&[verdict]);
+    }
+    LazyLock::force(&CACHE_HITS);
+    LazyLock::force(&UPSTREAM_LATENCY);
+    LazyLock::force(&UPSTREAM_FAILURES);
+    LazyLock::force(&NFT_UPDATES);
+    LazyLock::force(&LEARNED);
+    LazyLock::force(&RULES);
+    LazyLock::force(&POLICY_CHANGES);
+    LazyLock::force(&API_REQUESTS);
+}
+
+pub fn render() -> String {
+    let mut out = Vec::new();
+    let _ = TextEncoder::new().encode(&REGISTRY.gather(), &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
