@@ -41,8 +41,7 @@ pub struct StaticSpec {
     /// IP and CIDR rules in decision order: deny.always, allow.always, then the user policy.
     pub ip_rules: Vec<(Action, String)>,
     pub default_action: Action,
-    /// Addresses always reachable (the DNS upstreams), and port-53 destinations not redirected.
-    pub always_allow: Vec<IpAddr>,
+    /// Nameservers the sandbox may query directly on port 53 (not redirected to the proxy).
     pub redirect_exempt: Vec<IpAddr>,
     pub block_doh_443: bool,
     pub doh_blocklist: Vec<String>,
@@ -199,12 +198,8 @@ pub fn static_script(spec: &StaticSpec, takeover: bool) -> String {
         return s;
     }
 
-    let mut rules = spec.ip_rules.clone();
-    // The upstreams come first: the proxy must always reach them (their sockets are marked too).
-    for ip in &spec.always_allow {
-        rules.insert(0, (Action::Allow, ip.to_string()));
-    }
-    let parts = partition(&rules);
+    // The proxy's own upstream traffic is marked and needs no address rule.
+    let parts = partition(&spec.ip_rules);
     let doh_parts = partition(
         &spec
             .doh_blocklist
@@ -259,6 +254,11 @@ pub fn static_script(spec: &StaticSpec, takeover: bool) -> String {
     // DNS over TLS would bypass the proxy.
     rule("tcp dport 853 drop");
     rule("udp dport 853 drop");
+    for ip in &spec.redirect_exempt {
+        let (fam, _) = family(ip);
+        rule(&format!("{fam} daddr {ip} udp dport 53 accept"));
+        rule(&format!("{fam} daddr {ip} tcp dport 53 accept"));
+    }
     if spec.block_doh_443 {
         if spec.doh_blocklist.is_empty() {
             rule("tcp dport 443 drop");
@@ -649,7 +649,6 @@ mod tests {
             dns_port: 15353,
             ip_rules: rules(&[(Allow, "198.51.100.10"), (Deny, "198.51.100.0/24")]),
             default_action: Deny,
-            always_allow: vec!["198.51.100.2".parse().unwrap()],
             redirect_exempt: vec![],
             block_doh_443: false,
             doh_blocklist: vec![],
@@ -658,7 +657,7 @@ mod tests {
         assert!(s.starts_with("add table inet opensandbox\ndelete table inet opensandbox\n"));
         assert!(s.contains("udp dport 53 redirect to :15353"));
         assert!(s.contains(
-            "add element inet opensandbox allow_v4 { 198.51.100.2, 198.51.100.10 }"
+            "add element inet opensandbox allow_v4 { 198.51.100.10 }"
         ));
         assert!(s.contains(
             "add element inet opensandbox deny_v4 { 198.51.100.0-198.51.100.1, 198.51.100.3-198.51.100.9, 198.51.100.11-198.51.100.255 }"

@@ -128,15 +128,11 @@ impl State {
         nft: Option<Nft>,
     ) -> Result<Arc<State>, NftError> {
         let engine = Engine::new(&config.policy, &always.deny, &always.allow);
-        let mut always_allow: Vec<_> = config.upstreams.iter().map(|a| a.ip()).collect();
-        always_allow.extend(config.nameserver_exempt.iter().copied());
-        always_allow.dedup();
         let spec_base = StaticSpec {
             mode: config.mode,
             dns_port: config.dns_listen.port(),
             ip_rules: Vec::new(),
             default_action: Action::Deny,
-            always_allow,
             redirect_exempt: config.nameserver_exempt.clone(),
             block_doh_443: config.block_doh_443,
             doh_blocklist: config.doh_blocklist.clone(),

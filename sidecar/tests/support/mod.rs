@@ -1,0 +1,383 @@
+//! A two-host lab in network namespaces: a "sandbox" namespace running the sidecar and the
+//! client tools, and an "upstream" namespace with dnsmasq answering a test zone and a web
+//! server on 198.51.100.10 (allowed.test) and 198.51.100.20 (blocked.test). Documentation
+//! addresses only, no route out, everything removed on drop.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const DNS: &str = "198.51.100.2";
+pub const ALLOWED_IP: &str = "198.51.100.10";
+pub const BLOCKED_IP: &str = "198.51.100.20";
+pub const TOKEN: &str = "test-token";
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (scripts/setup.sh installs it)"));
+    out
+}
+
+fn ok(cmd: &mut Command) {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Directory holding the cargo-built examples (next to the test executable's `deps`).
+fn examples_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join("examples")
+}
+
+pub fn example(name: &str) -> PathBuf {
+    let path = examples_dir().join(name);
+    if !path.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "sidecar", "--example", name])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building example {name}");
+    }
+    path
+}
+
+pub struct Lab {
+    pub sandbox: String,
+    pub upstream: String,
+    pub dir: PathBuf,
+    children: Vec<Child>,
+    sidecar: Option<Child>,
+    env: Vec<(String, String)>,
+}
+
+/// dnsmasq's zone: fixed names, a wildcard zone, a CNAME to blocked.test, a name pointing at
+/// the cloud metadata address, and a TXT record too large for a 512-byte UDP answer.
+fn dnsmasq_args(listen: &str, port: u16) -> Vec<String> {
+    let big = "x".repeat(200);
+    let mut args: Vec<String> = [
+        "--no-daemon",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--local-ttl=300",
+        "--host-record=allowed.test,198.51.100.10",
+        "--host-record=blocked.test,198.51.100.20",
+        "--address=/example.test/198.51.100.10",
+        "--address=/a.test/198.51.100.10",
+        "--address=/bench.test/198.51.100.30",
+        "--address=/meta.test/169.254.169.254",
+        "--cname=alias.test,blocked.test",
+        "--cname=good-alias.test,allowed.test",
+        "--pid-file=",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    args.push(format!("--listen-address={listen}"));
+    args.push(format!("--port={port}"));
+    args.push(format!(
+        "--txt-record=big.test,\"{big}\",\"{big}\",\"{big}\""
+    ));
+    args
+}
+
+/// Starts dnsmasq on `listen:port` in the current namespace (used by the in-process tests).
+pub fn dnsmasq_local(listen: &str, port: u16) -> Child {
+    let child = Command::new("dnsmasq")
+        .args(dnsmasq_args(listen, port))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dnsmasq (scripts/setup.sh installs it)");
+    wait_udp(listen, port);
+    child
+}
+
+fn wait_udp(listen: &str, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let out = run(Command::new("dig").args([
+            "+short",
+            "+tries=1",
+            "+timeout=1",
+            &format!("@{listen}"),
+            "-p",
+            &port.to_string(),
+            "allowed.test",
+        ]));
+        if String::from_utf8_lossy(&out.stdout).contains("198.51.100.10") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("dnsmasq on {listen}:{port} did not come up");
+}
+
+impl Lab {
+    pub fn new() -> Lab {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}x{n}", std::process::id() % 100_000);
+        let sandbox = format!("egsb{id}");
+        let upstream = format!("egup{id}");
+        let dir = std::env::temp_dir().join(format!("egress-lab-{id}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("rules")).unwrap();
+        let mut lab = Lab {
+            sandbox: sandbox.clone(),
+            upstream: upstream.clone(),
+            dir,
+            children: Vec::new(),
+            sidecar: None,
+            env: Vec::new(),
+        };
+        ok(Command::new("ip").args(["netns", "add", &sandbox]));
+        ok(Command::new("ip").args(["netns", "add", &upstream]));
+        let (a, b) = (format!("vs{id}"), format!("vu{id}"));
+        ok(Command::new("ip").args([
+            "link", "add", &a, "netns", &sandbox, "type", "veth", "peer", "name", &b, "netns",
+            &upstream,
+        ]));
+        for (ns, dev, addrs) in [
+            (&sandbox, &a, &["198.51.100.1/24"][..]),
+            (
+                &upstream,
+                &b,
+                &["198.51.100.2/24", "198.51.100.10/24", "198.51.100.20/24"][..],
+            ),
+        ] {
+            for addr in addrs {
+                ok(Command::new("ip").args(["-n", ns, "addr", "add", addr, "dev", dev]));
+            }
+            ok(Command::new("ip").args(["-n", ns, "link", "set", dev, "up"]));
+            ok(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]));
+        }
+        let dnsmasq = Command::new("ip")
+            .args(["netns", "exec", &upstream, "dnsmasq"])
+            .args(dnsmasq_args(DNS, 53))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq (scripts/setup.sh installs it)");
+        lab.children.push(dnsmasq);
+        let web = Command::new("ip")
+            .args(["netns", "exec", &upstream])
+            .arg(example("test-web"))
+            .args([format!("{ALLOWED_IP}:80"), format!("{BLOCKED_IP}:80")])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        lab.children.push(web);
+        // Both up before any test step (no sidecar yet, so the sandbox reaches them directly).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let dns = lab.dig("allowed.test", &[]).0 == "NOERROR";
+            if dns && lab.http(BLOCKED_IP) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "test hosts did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        lab
+    }
+
+    pub fn rules_dir(&self) -> PathBuf {
+        self.dir.join("rules")
+    }
+
+    pub fn policy_file(&self) -> PathBuf {
+        self.dir.join("policy.json")
+    }
+
+    /// A command run inside the sandbox namespace.
+    pub fn in_sandbox(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.sandbox]).arg(program);
+        cmd
+    }
+
+    /// Starts the sidecar with the lab's defaults plus `env`, and waits for /healthz.
+    pub fn start_sidecar(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self.restart_sidecar();
+    }
+
+    /// Starts the sidecar again with the environment of the last start.
+    pub fn restart_sidecar(&mut self) {
+        assert!(self.sidecar.is_none(), "sidecar already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("sidecar.log"))
+            .unwrap();
+        let mut cmd = self.in_sandbox(env!("CARGO_BIN_EXE_egress-sidecar"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("OPENSANDBOX_EGRESS_DNS_UPSTREAM", DNS)
+            .env("OPENSANDBOX_EGRESS_RULES_DIR", self.rules_dir())
+            .env("OPENSANDBOX_EGRESS_POLICY_FILE", self.policy_file())
+            .env("OPENSANDBOX_EGRESS_TOKEN", TOKEN)
+            .env("OPENSANDBOX_EGRESS_HTTP_ADDR", "127.0.0.1:18080")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.sidecar = Some(cmd.spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.api("GET", "/healthz", None, None).0 == 200 {
+                return;
+            }
+            if let Some(status) = self.sidecar.as_mut().unwrap().try_wait().unwrap() {
+                panic!("sidecar exited with {status}: {}", self.log());
+            }
+            assert!(Instant::now() < deadline, "sidecar not healthy: {}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill_sidecar(&mut self) {
+        if let Some(mut child) = self.sidecar.take() {
+            // `ip netns exec` execs the program, so this is the sidecar itself: SIGKILL.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sidecar.log")).unwrap_or_default()
+    }
+
+    /// `dig` from the sandbox at the upstream's address (port 53, so the redirect applies).
+    /// Returns the status (`NOERROR`, `NXDOMAIN`, …, or `ERROR` when dig got no answer) and the
+    /// answer lines.
+    pub fn dig(&self, name: &str, extra: &[&str]) -> (String, Vec<String>) {
+        let out = run(self
+            .in_sandbox("dig")
+            .args(["+tries=1", "+timeout=3", "+nocmd", "+noall", "+comments", "+answer"])
+            .arg(format!("@{DNS}"))
+            .args(extra)
+            .arg(name));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let status = text
+            .split("status: ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .unwrap_or("ERROR")
+            .to_owned();
+        let answers = text
+            .lines()
+            .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+            .map(|l| l.split_whitespace().last().unwrap_or_default().to_owned())
+            .collect();
+        (status, answers)
+    }
+
+    /// Whether an HTTP request from the sandbox to `ip` gets the web server's answer.
+    pub fn http(&self, ip: &str) -> bool {
+        let out = run(self
+            .in_sandbox("curl")
+            .args(["-s", "--max-time", "2", &format!("http://{ip}/")]));
+        String::from_utf8_lossy(&out.stdout).contains("hello from")
+    }
+
+    /// A request to the sidecar's API from inside the sandbox: (status, body).
+    pub fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> (u16, String) {
+        let mut cmd = self.in_sandbox("curl");
+        cmd.args(["-s", "--max-time", "5", "-o", "-", "-w", "\n%{http_code}", "-X", method]);
+        if let Some(token) = token {
+            cmd.args(["-H", &format!("OPENSANDBOX-EGRESS-AUTH: {token}")]);
+        }
+        let mut child;
+        if let Some(body) = body {
+            cmd.args(["--data-binary", "@-", "-H", "content-type: application/json"]);
+            cmd.arg(format!("http://127.0.0.1:18080{path}"));
+            child = cmd
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            let _ = child.stdin.take().unwrap().write_all(body.as_bytes());
+        } else {
+            cmd.arg(format!("http://127.0.0.1:18080{path}"));
+            child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// The API with the lab's token.
+    pub fn call(&self, method: &str, body: Option<&str>) -> (u16, String) {
+        self.api(method, "/policy", body, Some(TOKEN))
+    }
+
+    /// Polls `check` for up to `limit`; returns how long it took.
+    pub fn within(&self, limit: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if check() {
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn write_rule_file(&self, name: &str, text: &str) {
+        let path = self.rules_dir().join(name);
+        let tmp = self.rules_dir().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(tmp, path).unwrap();
+    }
+
+    pub fn nft_ruleset(&self) -> String {
+        let out = run(self.in_sandbox("nft").args(["list", "ruleset"]));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.kill_sidecar();
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in [&self.sandbox, &self.upstream] {
+            let pids = run(Command::new("ip").args(["netns", "pids", ns]));
+            for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("sidecar log:\n{}", self.log());
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
