@@ -8,6 +8,13 @@ command -v cmake >/dev/null 2>&1 || need+=(cmake)      # Pingora builds zlib-ng 
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)   # service-account key of the test API server
+# The egress sidecar's tests: network namespaces, nftables, dnsmasq as upstream, dig as client.
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+have ip || need+=(iproute2)
+have nft || need+=(nftables)
+have dnsmasq || need+=(dnsmasq-base)
+have dig || need+=(dnsutils)
+have setpriv || need+=(util-linux)
 for pkg in "$@"; do
   case "$pkg" in
     nginx) command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light) ;;

@@ -177,10 +177,17 @@ mod tests {
         let (changed, errors) = w.poll();
         assert!(changed.is_none());
         assert_eq!(errors.len(), 1);
-        assert_eq!(w.current().deny, vec!["blocked.test"], "last good rules kept");
+        assert_eq!(
+            w.current().deny,
+            vec!["blocked.test"],
+            "last good rules kept"
+        );
         std::fs::remove_file(dir.join(DENY_FILE)).unwrap();
         let (changed, _) = w.poll();
-        assert!(changed.unwrap().deny.is_empty(), "a removed file clears its rules");
+        assert!(
+            changed.unwrap().deny.is_empty(),
+            "a removed file clears its rules"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -171,7 +171,8 @@ impl Api {
             tracing::error!(error = %e, "policy change failed");
             return text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
         }
-        let mut out = json!({"status": "ok", "mode": mode, "enforcementMode": enforcement(self.state.mode)});
+        let mut out =
+            json!({"status": "ok", "mode": mode, "enforcementMode": enforcement(self.state.mode)});
         if let Some(reason) = reason {
             out["reason"] = json!(reason);
         }
@@ -250,7 +251,10 @@ impl Api {
         };
         let targets = targets.unwrap_or_default();
         if targets.is_empty() {
-            return text(StatusCode::BAD_REQUEST, "invalid delete targets: empty array");
+            return text(
+                StatusCode::BAD_REQUEST,
+                "invalid delete targets: empty array",
+            );
         }
         let mut policy = self.state.policy().await;
         if state::remove(&mut policy, &targets) == 0 {

@@ -108,7 +108,11 @@ impl Config {
         env: impl Fn(&str) -> Option<String>,
         resolv_conf: &str,
     ) -> Result<Config, ConfigError> {
-        let get = |k: &str| env(k).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        let get = |k: &str| {
+            env(k)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
         let mut warnings = Vec::new();
 
         let mode = match get(MODE) {
@@ -287,7 +291,10 @@ pub fn parse_upstream(text: &str) -> Option<SocketAddr> {
         return Some(SocketAddr::new(ip, 53));
     }
     if let Some(inner) = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
-        return inner.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53));
+        return inner
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, 53));
     }
     text.parse::<SocketAddr>().ok().filter(|a| a.port() != 0)
 }
@@ -363,10 +370,22 @@ mod tests {
     fn broken_policy_in_env_starts_deny_all_with_a_warning() {
         let c = load(&[(RULES, "{not json")]).unwrap();
         assert_eq!(c.policy, deny_all());
-        assert!(c.warnings[0].contains("not a valid policy"), "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].contains("not a valid policy"),
+            "{:?}",
+            c.warnings
+        );
         let c = load(&[(RULES, r#"{"defaultAction":"permit"}"#)]).unwrap();
-        assert_eq!(c.policy.default_action, Action::Deny, "unknown defaultAction never allows");
-        assert!(c.warnings[0].contains("unsupported action"), "{:?}", c.warnings);
+        assert_eq!(
+            c.policy.default_action,
+            Action::Deny,
+            "unknown defaultAction never allows"
+        );
+        assert!(
+            c.warnings[0].contains("unsupported action"),
+            "{:?}",
+            c.warnings
+        );
     }
 
     #[test]
@@ -422,7 +441,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("policy.json");
         let env_policy = r#"{"defaultAction":"allow"}"#;
-        std::fs::write(&file, r#"{"defaultAction":"deny","egress":[{"action":"allow","target":"a.test"}]}"#).unwrap();
+        std::fs::write(
+            &file,
+            r#"{"defaultAction":"deny","egress":[{"action":"allow","target":"a.test"}]}"#,
+        )
+        .unwrap();
         let path = file.to_str().unwrap();
         let c = load(&[(POLICY_FILE, path), (RULES, env_policy)]).unwrap();
         assert_eq!(c.policy_source, PolicySource::File);

@@ -391,7 +391,8 @@ impl Proxy {
             let last = chain.last().cloned().unwrap_or_default();
             let next = reply.answers.iter().find_map(|r| match &r.data {
                 RData::CNAME(target)
-                    if canonical(&r.name.to_ascii()) == last && r.record_type() == RecordType::CNAME =>
+                    if canonical(&r.name.to_ascii()) == last
+                        && r.record_type() == RecordType::CNAME =>
                 {
                     Some(canonical(&target.0.to_ascii()))
                 }

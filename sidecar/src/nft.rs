@@ -231,10 +231,7 @@ pub fn static_script(spec: &StaticSpec, takeover: bool) -> String {
         }
     }
     for (name, ty) in [("dyn_allow_v4", "ipv4_addr"), ("dyn_allow_v6", "ipv6_addr")] {
-        let _ = writeln!(
-            s,
-            "add set inet {t} {name} {{ type {ty}; flags timeout; }}"
-        );
+        let _ = writeln!(s, "add set inet {t} {name} {{ type {ty}; flags timeout; }}");
     }
     let _ = writeln!(
         s,
@@ -656,9 +653,7 @@ mod tests {
         let s = static_script(&spec, true);
         assert!(s.starts_with("add table inet opensandbox\ndelete table inet opensandbox\n"));
         assert!(s.contains("udp dport 53 redirect to :15353"));
-        assert!(s.contains(
-            "add element inet opensandbox allow_v4 { 198.51.100.10 }"
-        ));
+        assert!(s.contains("add element inet opensandbox allow_v4 { 198.51.100.10 }"));
         assert!(s.contains(
             "add element inet opensandbox deny_v4 { 198.51.100.0-198.51.100.1, 198.51.100.3-198.51.100.9, 198.51.100.11-198.51.100.255 }"
         ));

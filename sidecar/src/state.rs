@@ -280,7 +280,12 @@ impl State {
         self.swap(engine, &inner);
         for (before, after, action, file) in [
             (&old.deny, &inner.always.deny, Action::Deny, "deny.always"),
-            (&old.allow, &inner.always.allow, Action::Allow, "allow.always"),
+            (
+                &old.allow,
+                &inner.always.allow,
+                Action::Allow,
+                "allow.always",
+            ),
         ] {
             if before != after {
                 audit(
@@ -373,7 +378,10 @@ mod tests {
             ]
         );
         let mut m = m;
-        assert_eq!(remove(&mut m, &[" C.TEST ".into(), "nothing.test".into()]), 1);
+        assert_eq!(
+            remove(&mut m, &[" C.TEST ".into(), "nothing.test".into()]),
+            1
+        );
         assert_eq!(m.egress.len(), 2);
         assert_eq!(mode_name(&m), "enforcing");
         assert_eq!(mode_name(&crate::config::deny_all()), "deny_all");

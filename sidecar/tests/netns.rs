@@ -1,5 +1,6 @@
 //! The sidecar in real network namespaces with real nftables, dnsmasq as upstream and real web
 //! servers. Needs root (network namespaces, nftables); `scripts/test.sh` runs it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
@@ -22,7 +23,10 @@ fn dns_nft_admits_only_the_addresses_of_allowed_names() {
     let (status, answers) = lab.dig("allowed.test", &[]);
     assert_eq!(status, "NOERROR");
     assert_eq!(answers, vec![ALLOWED_IP]);
-    assert!(lab.http(ALLOWED_IP), "allowed address must connect after the lookup");
+    assert!(
+        lab.http(ALLOWED_IP),
+        "allowed address must connect after the lookup"
+    );
     assert_eq!(lab.dig("blocked.test", &[]).0, "NXDOMAIN");
     assert!(!lab.http(BLOCKED_IP), "denied address must stay closed");
     // Over TCP, any case, trailing dot: same verdicts.
@@ -34,7 +38,11 @@ fn dns_nft_admits_only_the_addresses_of_allowed_names() {
         .args(["-s", "--max-time", "1", "telnet://198.51.100.2:853"])
         .status()
         .unwrap();
-    assert_eq!(dot.code(), Some(28), "port 853 must time out (dropped), got {dot:?}");
+    assert_eq!(
+        dot.code(),
+        Some(28),
+        "port 853 must time out (dropped), got {dot:?}"
+    );
 
     // A CNAME chain through a name a rule denies is refused; one through an unlisted name is not.
     let (code, _) = lab.call(
@@ -55,7 +63,10 @@ fn dns_nft_admits_only_the_addresses_of_allowed_names() {
     // An allowed name pointing at the metadata address: the record is dropped.
     let (status, answers) = lab.dig("meta.test", &[]);
     assert_eq!(status, "NOERROR");
-    assert!(answers.is_empty(), "metadata address must not be answered: {answers:?}");
+    assert!(
+        answers.is_empty(),
+        "metadata address must not be answered: {answers:?}"
+    );
     assert!(!lab.nft_ruleset().contains("169.254.169.254"));
 }
 
@@ -70,12 +81,24 @@ fn first_match_wins_and_wildcards_skip_the_bare_suffix() {
             {"action":"allow","target":"*.a.test"},
             {"action":"allow","target":"allowed.test."}]}"#,
     )]);
-    assert_eq!(lab.dig("api.example.test", &[]).0, "NOERROR", "first match wins");
+    assert_eq!(
+        lab.dig("api.example.test", &[]).0,
+        "NOERROR",
+        "first match wins"
+    );
     assert_eq!(lab.dig("deep.er.example.test", &[]).0, "NOERROR");
     assert_eq!(lab.dig("example.test", &[]).0, "NXDOMAIN");
     assert_eq!(lab.dig("x.a.test", &[]).0, "NOERROR");
-    assert_eq!(lab.dig("a.test", &[]).0, "NXDOMAIN", "*.a.test must not match a.test");
-    assert_eq!(lab.dig("allowed.test", &[]).0, "NOERROR", "trailing dot in a target");
+    assert_eq!(
+        lab.dig("a.test", &[]).0,
+        "NXDOMAIN",
+        "*.a.test must not match a.test"
+    );
+    assert_eq!(
+        lab.dig("allowed.test", &[]).0,
+        "NOERROR",
+        "trailing dot in a target"
+    );
     // dns mode: names only, the address stays reachable.
     assert!(lab.http(BLOCKED_IP));
     let (code, body) = lab.call("GET", None);
@@ -95,7 +118,10 @@ fn api_changes_and_always_files_take_effect() {
     assert_eq!(lab.dig("blocked.test", &[]).0, "NXDOMAIN");
 
     // PATCH puts the rule in front: now it resolves and connects.
-    let (code, body) = lab.call("PATCH", Some(r#"[{"action":"allow","target":"blocked.test"}]"#));
+    let (code, body) = lab.call(
+        "PATCH",
+        Some(r#"[{"action":"allow","target":"blocked.test"}]"#),
+    );
     assert_eq!(code, 200, "{body}");
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&body).unwrap(),
@@ -103,7 +129,10 @@ fn api_changes_and_always_files_take_effect() {
     );
     assert_eq!(lab.dig("allowed.test", &[]).0, "NOERROR");
     let (status, answers) = lab.dig("blocked.test", &[]);
-    assert_eq!((status.as_str(), answers), ("NOERROR", vec![BLOCKED_IP.to_owned()]));
+    assert_eq!(
+        (status.as_str(), answers),
+        ("NOERROR", vec![BLOCKED_IP.to_owned()])
+    );
     assert!(lab.http(BLOCKED_IP));
     assert!(lab.http(ALLOWED_IP));
     let (_, body) = lab.call("GET", None);
@@ -115,8 +144,14 @@ fn api_changes_and_always_files_take_effect() {
     let (code, body) = lab.call("DELETE", Some(r#"["blocked.test"]"#));
     assert_eq!(code, 200, "{body}");
     assert_eq!(lab.dig("blocked.test", &[]).0, "NXDOMAIN");
-    assert!(!lab.http(BLOCKED_IP), "address of a name no longer allowed must close");
-    assert!(lab.http(ALLOWED_IP), "learned entries of names still allowed are kept");
+    assert!(
+        !lab.http(BLOCKED_IP),
+        "address of a name no longer allowed must close"
+    );
+    assert!(
+        lab.http(ALLOWED_IP),
+        "learned entries of names still allowed are kept"
+    );
     let (code, body) = lab.call("DELETE", Some(r#"["nothing.test"]"#));
     assert_eq!(code, 200);
     assert!(body.contains("no matching targets found"), "{body}");
@@ -124,26 +159,45 @@ fn api_changes_and_always_files_take_effect() {
     // The deny file beats the user policy, within 2 s of the change.
     lab.write_rule_file("deny.always", "# operator rule\nallowed.test\n");
     let took = lab
-        .within(Duration::from_secs(2), || lab.dig("allowed.test", &[]).0 == "NXDOMAIN")
+        .within(Duration::from_secs(2), || {
+            lab.dig("allowed.test", &[]).0 == "NXDOMAIN"
+        })
         .expect("deny.always not in force within 2 s");
     eprintln!("deny.always took effect in {took:?}");
-    assert!(!lab.http(ALLOWED_IP), "deny.always withdraws learned addresses too");
+    assert!(
+        !lab.http(ALLOWED_IP),
+        "deny.always withdraws learned addresses too"
+    );
     // allow.always beats the policy's default deny; deny.always beats allow.always.
     lab.write_rule_file("allow.always", "blocked.test\nallowed.test\n");
-    lab.within(Duration::from_secs(2), || lab.dig("blocked.test", &[]).0 == "NOERROR")
-        .expect("allow.always not in force within 2 s");
+    lab.within(Duration::from_secs(2), || {
+        lab.dig("blocked.test", &[]).0 == "NOERROR"
+    })
+    .expect("allow.always not in force within 2 s");
     assert_eq!(lab.dig("allowed.test", &[]).0, "NXDOMAIN");
     // A broken always file keeps the rules last read from it.
     lab.write_rule_file("deny.always", "allowed.test\nnot a name!\n");
     std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(lab.dig("allowed.test", &[]).0, "NXDOMAIN");
-    assert!(lab.log().contains("deny.always line 2"), "broken file reported");
+    assert!(
+        lab.log().contains("deny.always line 2"),
+        "broken file reported"
+    );
     // IP rules in an always file go to the static sets.
     lab.write_rule_file("deny.always", "198.51.100.20\n");
-    lab.within(Duration::from_secs(2), || lab.dig("allowed.test", &[]).0 == "NOERROR")
-        .expect("deny.always change not applied");
-    assert_eq!(lab.dig("blocked.test", &[]).0, "NOERROR", "names are not addresses");
-    assert!(!lab.http(BLOCKED_IP), "deny.always address dropped although the name is allowed");
+    lab.within(Duration::from_secs(2), || {
+        lab.dig("allowed.test", &[]).0 == "NOERROR"
+    })
+    .expect("deny.always change not applied");
+    assert_eq!(
+        lab.dig("blocked.test", &[]).0,
+        "NOERROR",
+        "names are not addresses"
+    );
+    assert!(
+        !lab.http(BLOCKED_IP),
+        "deny.always address dropped although the name is allowed"
+    );
     assert!(lab.log().contains("\"source\":\"always-file\""));
     assert!(lab.log().contains("\"event\":\"dns.denied\""));
 }
@@ -180,13 +234,22 @@ fn api_authentication_limits_and_bad_bodies() {
         let egress: Vec<String> = (0..n)
             .map(|i| format!(r#"{{"action":"allow","target":"h{i}.bulk.test"}}"#))
             .collect();
-        format!(r#"{{"defaultAction":"deny","egress":[{}]}}"#, egress.join(","))
+        format!(
+            r#"{{"defaultAction":"deny","egress":[{}]}}"#,
+            egress.join(",")
+        )
     };
     let (code, body) = lab.call("POST", Some(&rules(4097)));
     assert_eq!(code, 413, "{body}");
-    assert!(body.contains("egress rule total count 4097 exceeds limit 4096"), "{body}");
+    assert!(
+        body.contains("egress rule total count 4097 exceeds limit 4096"),
+        "{body}"
+    );
     assert_eq!(lab.call("PUT", Some(&rules(4096))).0, 200);
-    let (code, _) = lab.call("PATCH", Some(r#"[{"action":"allow","target":"one-more.test"}]"#));
+    let (code, _) = lab.call(
+        "PATCH",
+        Some(r#"[{"action":"allow","target":"one-more.test"}]"#),
+    );
     assert_eq!(code, 413, "merged count counts");
     // 1 MiB + 1 byte body: refused, policy unchanged.
     let huge = format!("{}{}", rules(0), " ".repeat((1 << 20) + 1 - rules(0).len()));
@@ -197,7 +260,11 @@ fn api_authentication_limits_and_bad_bodies() {
     for (method, body, want) in [
         ("POST", "{not json", "invalid policy"),
         ("POST", r#"{"defaultAction":"maybe"}"#, "unsupported action"),
-        ("POST", r#"{"egress":[{"action":"allow","target":""}]}"#, "empty target"),
+        (
+            "POST",
+            r#"{"egress":[{"action":"allow","target":""}]}"#,
+            "empty target",
+        ),
         ("PATCH", "", "empty body"),
         ("PATCH", "[]", "invalid patch rules: empty array"),
         ("PATCH", r#"{"action":"allow"}"#, "invalid patch rules"),
@@ -227,13 +294,19 @@ fn kill_leaves_the_namespace_locked_and_restart_keeps_api_changes() {
         ("OPENSANDBOX_EGRESS_MODE", "dns+nft"),
         ("OPENSANDBOX_EGRESS_RULES", ALLOW_ALLOWED),
     ]);
-    let (code, _) = lab.call("PATCH", Some(r#"[{"action":"allow","target":"*.example.test"}]"#));
+    let (code, _) = lab.call(
+        "PATCH",
+        Some(r#"[{"action":"allow","target":"*.example.test"}]"#),
+    );
     assert_eq!(code, 200);
     assert_eq!(lab.dig("www.example.test", &[]).0, "NOERROR");
     assert!(lab.http(ALLOWED_IP));
 
     lab.kill_sidecar();
-    assert!(!lab.http(BLOCKED_IP), "a dead sidecar must leave the namespace locked");
+    assert!(
+        !lab.http(BLOCKED_IP),
+        "a dead sidecar must leave the namespace locked"
+    );
     assert_eq!(
         lab.dig("blocked.test", &[]).0,
         "ERROR",
@@ -244,13 +317,19 @@ fn kill_leaves_the_namespace_locked_and_restart_keeps_api_changes() {
     lab.restart_sidecar();
     let (_, body) = lab.call("GET", None);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["policy"]["egress"][0]["target"], "*.example.test", "{body}");
+    assert_eq!(
+        v["policy"]["egress"][0]["target"], "*.example.test",
+        "{body}"
+    );
     assert_eq!(lab.dig("www.example.test", &[]).0, "NOERROR");
     assert_eq!(lab.dig("blocked.test", &[]).0, "NXDOMAIN");
     assert!(!lab.http(BLOCKED_IP));
     assert!(lab.http(ALLOWED_IP));
     // One table, taken over, not a second one beside it.
-    assert_eq!(lab.nft_ruleset().matches("table inet opensandbox").count(), 1);
+    assert_eq!(
+        lab.nft_ruleset().matches("table inet opensandbox").count(),
+        1
+    );
 }
 
 #[test]
@@ -259,7 +338,10 @@ fn bad_configuration_starts_deny_all_or_fails_clearly() {
     let mut lab = Lab::new();
     lab.start_sidecar(&[
         ("OPENSANDBOX_EGRESS_MODE", "dns+nft"),
-        ("OPENSANDBOX_EGRESS_RULES", "{\"defaultAction\":\"deny\",\"egress\":[{"),
+        (
+            "OPENSANDBOX_EGRESS_RULES",
+            "{\"defaultAction\":\"deny\",\"egress\":[{",
+        ),
     ]);
     assert_eq!(lab.dig("allowed.test", &[]).0, "NXDOMAIN");
     let (_, body) = lab.call("GET", None);

@@ -132,7 +132,9 @@ mod tests {
             .unwrap();
         assert_eq!(p.default_action, Action::Allow);
         assert_eq!(p.egress[0].action, Action::Deny, "empty action means deny");
-        let e = parse(r#"{"defaultAction":"allwo"}"#).unwrap_err().to_string();
+        let e = parse(r#"{"defaultAction":"allwo"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unsupported action \"allwo\""), "{e}");
     }
 }

@@ -2,7 +2,7 @@
 //! client tools, and an "upstream" namespace with dnsmasq answering a test zone and a web
 //! server on 198.51.100.10 (allowed.test) and 198.51.100.20 (blocked.test). Documentation
 //! addresses only, no route out, everything removed on drop.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -17,10 +17,8 @@ pub const TOKEN: &str = "test-token";
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (scripts/setup.sh installs it)"));
-    out
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (scripts/setup.sh installs it)"))
 }
 
 fn ok(cmd: &mut Command) {
@@ -241,7 +239,11 @@ impl Lab {
             if let Some(status) = self.sidecar.as_mut().unwrap().try_wait().unwrap() {
                 panic!("sidecar exited with {status}: {}", self.log());
             }
-            assert!(Instant::now() < deadline, "sidecar not healthy: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "sidecar not healthy: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -264,7 +266,14 @@ impl Lab {
     pub fn dig(&self, name: &str, extra: &[&str]) -> (String, Vec<String>) {
         let out = run(self
             .in_sandbox("dig")
-            .args(["+tries=1", "+timeout=3", "+nocmd", "+noall", "+comments", "+answer"])
+            .args([
+                "+tries=1",
+                "+timeout=3",
+                "+nocmd",
+                "+noall",
+                "+comments",
+                "+answer",
+            ])
             .arg(format!("@{DNS}"))
             .args(extra)
             .arg(name));
@@ -285,9 +294,10 @@ impl Lab {
 
     /// Whether an HTTP request from the sandbox to `ip` gets the web server's answer.
     pub fn http(&self, ip: &str) -> bool {
-        let out = run(self
-            .in_sandbox("curl")
-            .args(["-s", "--max-time", "2", &format!("http://{ip}/")]));
+        let out =
+            run(self
+                .in_sandbox("curl")
+                .args(["-s", "--max-time", "2", &format!("http://{ip}/")]));
         String::from_utf8_lossy(&out.stdout).contains("hello from")
     }
 
@@ -300,13 +310,28 @@ impl Lab {
         token: Option<&str>,
     ) -> (u16, String) {
         let mut cmd = self.in_sandbox("curl");
-        cmd.args(["-s", "--max-time", "5", "-o", "-", "-w", "\n%{http_code}", "-X", method]);
+        cmd.args([
+            "-s",
+            "--max-time",
+            "5",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            method,
+        ]);
         if let Some(token) = token {
             cmd.args(["-H", &format!("OPENSANDBOX-EGRESS-AUTH: {token}")]);
         }
         let mut child;
         if let Some(body) = body {
-            cmd.args(["--data-binary", "@-", "-H", "content-type: application/json"]);
+            cmd.args([
+                "--data-binary",
+                "@-",
+                "-H",
+                "content-type: application/json",
+            ]);
             cmd.arg(format!("http://127.0.0.1:18080{path}"));
             child = cmd
                 .stdin(Stdio::piped())
