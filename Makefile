@@ -1,4 +1,4 @@
-.PHONY: demo test bench scale k8s-bench
+.PHONY: demo test bench scale k8s-bench dns-bench
 
 # Quick start: gateway + demo upstream on the bundled example sandboxes.
 demo:
@@ -19,3 +19,7 @@ scale:
 # Kubernetes provider: route propagation latency and 100,000-object scale against a real API server.
 k8s-bench:
 	loadtest/k8s.sh
+
+# Egress sidecar: DNS latency and q/s through the proxy vs dnsmasq directly, policy evaluation cost.
+dns-bench:
+	loadtest/dns.sh

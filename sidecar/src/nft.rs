@@ -26,6 +26,8 @@ use crate::metrics;
 pub const TABLE: &str = "opensandbox";
 const MIN_TIMEOUT: u32 = 60;
 const MAX_TIMEOUT: u32 = 360;
+/// Names remembered per learned address, to withdraw it when none of them is allowed any more.
+const NAMES_PER_ADDRESS: usize = 32;
 
 /// How long a learned address stays in a dynamic set: the record's TTL plus a minute, clamped
 /// to 60..=360 seconds (the reference's bounds).
@@ -499,6 +501,11 @@ async fn writer(mut rx: mpsc::Receiver<Job>) {
                     names: Vec::new(),
                 });
                 if !entry.names.contains(name) {
+                    // Bounded: many names on one address (a CDN) keep the newest few. Losing
+                    // one only means the address may be withdrawn early (fail closed).
+                    if entry.names.len() >= NAMES_PER_ADDRESS {
+                        entry.names.remove(0);
+                    }
                     entry.names.push(name.clone());
                 }
                 // Refresh in the kernel only when less than half the timeout is left.

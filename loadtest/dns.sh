@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Egress sidecar DNS: latency (p50/p99, cached and uncached) and queries per second of the
+# proxy against asking dnsmasq directly, side by side in one run, plus policy evaluation time
+# at 10 and 10,000 rules. Runs in two network namespaces of its own (documentation addresses,
+# no route out), removed at exit. Needs root.
+#
+# The sidecar runs in dns+nft mode with "*.bench.test" allowed, so every uncached answer also
+# goes through the nftables writer. Direct queries carry the proxy's socket mark and so bypass
+# the port-53 redirect.
+#
+# Env: QUERIES (latency samples per scenario, 5000), SECONDS_QPS (5), CONCURRENCY (16).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUERIES=${QUERIES:-5000}
+SECONDS_QPS=${SECONDS_QPS:-5}
+CONCURRENCY=${CONCURRENCY:-16}
+
+scripts/setup.sh
+cargo build --release -p sidecar --bin egress-sidecar --example dns-bench --example policy-bench >/dev/null
+
+id=$$
+sb=egbsb$id
+up=egbup$id
+work=$(mktemp -d)
+cleanup() {
+  for ns in "$sb" "$up"; do
+    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+ip netns add "$sb"
+ip netns add "$up"
+ip link add "vb$id" netns "$sb" type veth peer name "vu$id" netns "$up"
+ip -n "$sb" addr add 198.51.100.1/24 dev "vb$id"
+ip -n "$up" addr add 198.51.100.2/24 dev "vu$id"
+for ns in "$sb" "$up"; do ip -n "$ns" link set lo up; done
+ip -n "$sb" link set "vb$id" up
+ip -n "$up" link set "vu$id" up
+
+ip netns exec "$up" dnsmasq --no-daemon --no-resolv --no-hosts --bind-interfaces \
+  --listen-address=198.51.100.2 --local-ttl=300 --cache-size=10000 \
+  --address=/bench.test/198.51.100.30 --pid-file= >"$work/dnsmasq.log" 2>&1 &
+mkdir -p "$work/rules"
+ip netns exec "$sb" env \
+  OPENSANDBOX_EGRESS_MODE=dns+nft \
+  OPENSANDBOX_EGRESS_DNS_UPSTREAM=198.51.100.2 \
+  OPENSANDBOX_EGRESS_RULES='{"defaultAction":"deny","egress":[{"action":"allow","target":"*.bench.test"}]}' \
+  OPENSANDBOX_EGRESS_RULES_DIR="$work/rules" \
+  OPENSANDBOX_EGRESS_HTTP_ADDR=127.0.0.1:18080 \
+  OPENSANDBOX_EGRESS_LOG_LEVEL=warn \
+  target/release/egress-sidecar >"$work/sidecar.log" 2>&1 &
+for _ in $(seq 100); do
+  if ip netns exec "$sb" curl -s -m 1 http://127.0.0.1:18080/healthz 2>/dev/null | grep -q ok; then break; fi
+  sleep 0.1
+done
+
+commit=$(git rev-parse --short HEAD)
+out="loadtest/results/$(date +%F)-$commit-dns.md"
+{
+  echo "date $(date +%F), commit $commit, release build, $(nproc) cores; proxy, dnsmasq and client share them"
+  echo "latency: $QUERIES sequential queries per cell; q/s: $CONCURRENCY clients for ${SECONDS_QPS}s"
+  echo
+  ip netns exec "$sb" target/release/examples/dns-bench 127.0.0.1:15353 198.51.100.2:53 \
+    "$QUERIES" "$SECONDS_QPS" "$CONCURRENCY"
+  echo
+  target/release/examples/policy-bench
+  echo
+  learned=$(ip netns exec "$sb" curl -s http://127.0.0.1:18080/metrics | grep -E '^egress_nft_updates_total' || true)
+  echo "nftables transactions during the run:"
+  echo "$learned" | sed 's/^/    /'
+} | tee "$out"
+echo "written to $out"

@@ -1,0 +1,187 @@
+//! DNS latency and throughput of the egress proxy against asking its upstream directly, side by
+//! side in one run. Run inside the sandbox namespace (see `loadtest/dns.sh`):
+//!
+//! `dns-bench <proxy addr> <direct addr> [latency queries] [qps seconds] [concurrency]`
+//!
+//! Direct queries carry the proxy's socket mark, so the port-53 redirect lets them through.
+//! Scenarios: `cached` asks one name again and again (the proxy answers from its cache),
+//! `uncached` asks a new name every time (the proxy forwards every query and admits the
+//! answer's address to nftables).
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, Query};
+use hickory_proto::rr::{Name, RecordType};
+use socket2::{Domain, Protocol, Socket, Type};
+
+const MARK: u32 = 0x1;
+
+fn socket(target: SocketAddr, mark: bool) -> UdpSocket {
+    let s = Socket::new(Domain::for_address(target), Type::DGRAM, Some(Protocol::UDP))
+        .unwrap_or_else(|e| panic!("socket: {e}"));
+    if mark {
+        s.set_mark(MARK).unwrap_or_else(|e| panic!("SO_MARK: {e}"));
+    }
+    let s: UdpSocket = s.into();
+    s.connect(target).unwrap_or_else(|e| panic!("connect: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap_or_else(|e| panic!("timeout: {e}"));
+    s
+}
+
+fn packet(id: u16, name: &str) -> Vec<u8> {
+    let mut m = Message::query();
+    m.metadata.id = id;
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(
+        Name::from_ascii(name).unwrap_or_else(|e| panic!("{e}")),
+        RecordType::A,
+    ));
+    m.to_vec().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// One query and its answer; `None` on timeout or a non-NOERROR answer.
+fn exchange(s: &UdpSocket, id: u16, name: &str, buf: &mut [u8]) -> Option<Duration> {
+    let q = packet(id, name);
+    let start = Instant::now();
+    s.send(&q).ok()?;
+    loop {
+        let n = s.recv(buf).ok()?;
+        if n >= 12 && buf[..2] == id.to_be_bytes() {
+            return (buf[3] & 0x0f == 0).then(|| start.elapsed());
+        }
+    }
+}
+
+fn name_for(cached: bool, run: &str, i: u64) -> String {
+    if cached {
+        "hot.bench.test.".to_owned()
+    } else {
+        format!("n{i}.{run}.bench.test.")
+    }
+}
+
+struct Latency {
+    p50: f64,
+    p99: f64,
+    failed: usize,
+}
+
+fn latency(target: SocketAddr, mark: bool, cached: bool, run: &str, n: usize) -> Latency {
+    let s = socket(target, mark);
+    let mut buf = vec![0u8; 4096];
+    // Warm the cache (and the learned address) once.
+    let _ = exchange(&s, 1, &name_for(true, run, 0), &mut buf);
+    let mut samples = Vec::with_capacity(n);
+    let mut failed = 0;
+    for i in 0..n {
+        let id = (i % 65_000) as u16 + 2;
+        match exchange(&s, id, &name_for(cached, run, i as u64), &mut buf) {
+            Some(d) => samples.push(d.as_secs_f64() * 1e6),
+            None => failed += 1,
+        }
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        samples
+            .get(((samples.len() as f64 * p) as usize).min(samples.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Latency {
+        p50: pct(0.50),
+        p99: pct(0.99),
+        failed,
+    }
+}
+
+/// Queries per second with `workers` clients each keeping one query outstanding.
+fn throughput(
+    target: SocketAddr,
+    mark: bool,
+    cached: bool,
+    run: &str,
+    secs: u64,
+    workers: u64,
+) -> (f64, u64) {
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let threads: Vec<_> = (0..workers)
+        .map(|w| {
+            let (done, failed, run) = (done.clone(), failed.clone(), run.to_owned());
+            std::thread::spawn(move || {
+                let s = socket(target, mark);
+                let mut buf = vec![0u8; 4096];
+                let mut i = 0u64;
+                while Instant::now() < deadline {
+                    let id = (i % 65_000) as u16 + 1;
+                    let name = name_for(cached, &format!("{run}w{w}"), i);
+                    match exchange(&s, id, &name, &mut buf) {
+                        Some(_) => done.fetch_add(1, Ordering::Relaxed),
+                        None => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    (
+        done.load(Ordering::Relaxed) as f64 / secs as f64,
+        failed.load(Ordering::Relaxed),
+    )
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 3 {
+        eprintln!("usage: dns-bench <proxy addr> <direct addr> [latency queries] [qps seconds] [concurrency]");
+        std::process::exit(2);
+    }
+    let proxy: SocketAddr = args[1].parse().unwrap_or_else(|e| panic!("proxy: {e}"));
+    let direct: SocketAddr = args[2].parse().unwrap_or_else(|e| panic!("direct: {e}"));
+    let n: usize = args.get(3).and_then(|v| v.parse().ok()).unwrap_or(5000);
+    let secs: u64 = args.get(4).and_then(|v| v.parse().ok()).unwrap_or(5);
+    let workers: u64 = args.get(5).and_then(|v| v.parse().ok()).unwrap_or(16);
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+
+    println!(
+        "| scenario | direct p50 µs | direct p99 µs | proxy p50 µs | proxy p99 µs | added p50 µs | added p99 µs | direct q/s | proxy q/s | proxy/direct q/s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for cached in [true, false] {
+        let scenario = if cached { "cached" } else { "uncached" };
+        let d = latency(direct, true, cached, &format!("d{stamp}l"), n);
+        let p = latency(proxy, false, cached, &format!("p{stamp}l"), n);
+        let (dq, df) = throughput(direct, true, cached, &format!("d{stamp}t"), secs, workers);
+        let (pq, pf) = throughput(proxy, false, cached, &format!("p{stamp}t"), secs, workers);
+        println!(
+            "| {scenario} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}x |",
+            d.p50,
+            d.p99,
+            p.p50,
+            p.p99,
+            p.p50 - d.p50,
+            p.p99 - d.p99,
+            dq,
+            pq,
+            pq / dq
+        );
+        let failures = d.failed as u64 + p.failed as u64 + df + pf;
+        if failures > 0 {
+            println!(
+                "  ({scenario}: {failures} queries failed or timed out: direct {} + {df}, proxy {} + {pf})",
+                d.failed, p.failed
+            );
+        }
+    }
+}
