@@ -20,8 +20,12 @@ use socket2::{Domain, Protocol, Socket, Type};
 const MARK: u32 = 0x1;
 
 fn socket(target: SocketAddr, mark: bool) -> UdpSocket {
-    let s = Socket::new(Domain::for_address(target), Type::DGRAM, Some(Protocol::UDP))
-        .unwrap_or_else(|e| panic!("socket: {e}"));
+    let s = Socket::new(
+        Domain::for_address(target),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )
+    .unwrap_or_else(|e| panic!("socket: {e}"));
     if mark {
         s.set_mark(MARK).unwrap_or_else(|e| panic!("SO_MARK: {e}"));
     }
@@ -141,7 +145,9 @@ fn throughput(
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        eprintln!("usage: dns-bench <proxy addr> <direct addr> [latency queries] [qps seconds] [concurrency]");
+        eprintln!(
+            "usage: dns-bench <proxy addr> <direct addr> [latency queries] [qps seconds] [concurrency]"
+        );
         std::process::exit(2);
     }
     let proxy: SocketAddr = args[1].parse().unwrap_or_else(|e| panic!("proxy: {e}"));

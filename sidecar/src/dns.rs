@@ -29,6 +29,8 @@ const CACHE_MAX_TTL: u32 = 300;
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Queries handled at once over UDP; beyond this, packets wait in the socket buffer.
 const UDP_INFLIGHT: usize = 1024;
+/// Idle upstream sockets kept per upstream.
+const POOL_PER_UPSTREAM: usize = 64;
 
 /// Name, type, class, DNSSEC OK, checking disabled.
 type CacheKey = (String, u16, u16, bool, bool);
@@ -43,6 +45,9 @@ struct Cached {
 pub struct Proxy {
     state: Arc<State>,
     upstreams: Vec<SocketAddr>,
+    /// Idle connected sockets per upstream. A socket goes back only after a clean exchange,
+    /// so no late answer to an abandoned query can be waiting on it.
+    pools: Vec<Mutex<Vec<UdpSocket>>>,
     timeout: Duration,
     cache: Mutex<HashMap<CacheKey, Cached>>,
 }
@@ -99,7 +104,8 @@ fn marked(addr: &SocketAddr, ty: Type, proto: Protocol) -> std::io::Result<Socke
     Ok(socket)
 }
 
-async fn udp_exchange(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
+/// A marked UDP socket connected to `upstream`.
+async fn udp_socket(upstream: SocketAddr) -> std::io::Result<UdpSocket> {
     let socket = marked(&upstream, Type::DGRAM, Protocol::UDP)?;
     let any: SocketAddr = match upstream {
         SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -108,15 +114,34 @@ async fn udp_exchange(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec
     socket.bind(&any.into())?;
     let socket = UdpSocket::from_std(socket.into())?;
     socket.connect(upstream).await?;
-    socket.send(query).await?;
-    let mut buf = vec![0u8; 65_535];
+    Ok(socket)
+}
+
+/// Length of the question section of a query whose first question starts at byte 12.
+fn question_len(query: &[u8]) -> Option<usize> {
+    let mut at = HEADER_LEN;
     loop {
-        let n = socket.recv(&mut buf).await?;
-        // Only a response with our ID counts; anything else on the socket is ignored.
-        if n >= HEADER_LEN && buf[..2] == query[..2] && buf[2] & 0x80 != 0 {
-            buf.truncate(n);
-            return Ok(buf);
+        let len = usize::from(*query.get(at)?);
+        if len == 0 {
+            return Some(at + 1 + 4 - HEADER_LEN);
         }
+        if len > 63 {
+            return None;
+        }
+        at += 1 + len;
+    }
+}
+
+/// Whether `reply` answers `query`: response bit, same ID, same question (any case).
+fn answers(query: &[u8], reply: &[u8]) -> bool {
+    if reply.len() < HEADER_LEN || reply[..2] != query[..2] || reply[2] & 0x80 == 0 {
+        return false;
+    }
+    match question_len(query) {
+        Some(len) => reply
+            .get(HEADER_LEN..HEADER_LEN + len)
+            .is_some_and(|q| q.eq_ignore_ascii_case(&query[HEADER_LEN..HEADER_LEN + len])),
+        None => true,
     }
 }
 
@@ -132,7 +157,7 @@ async fn tcp_exchange(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec
     let n = stream.read_u16().await?;
     let mut buf = vec![0u8; usize::from(n)];
     stream.read_exact(&mut buf).await?;
-    if buf.len() < HEADER_LEN || buf[..2] != query[..2] {
+    if !answers(query, &buf) {
         return Err(std::io::Error::other("upstream answered another query"));
     }
     Ok(buf)
@@ -154,6 +179,7 @@ impl Proxy {
     pub fn new(state: Arc<State>, upstreams: Vec<SocketAddr>, timeout: Duration) -> Proxy {
         Proxy {
             state,
+            pools: upstreams.iter().map(|_| Mutex::new(Vec::new())).collect(),
             upstreams,
             timeout,
             cache: Mutex::new(HashMap::new()),
@@ -212,7 +238,7 @@ impl Proxy {
             return Some(self.fit(hit, tcp, max_udp, query));
         }
 
-        let Some(raw) = self.forward(query, tcp).await else {
+        let Some(raw) = self.forward(query, tcp, max_udp).await else {
             metrics::QUERIES.with_label_values(&["servfail"]).inc();
             return Some(encode(
                 &reply_to(&message, ResponseCode::ServFail),
@@ -331,8 +357,13 @@ impl Proxy {
                 c.generation == gen_
                     && now.duration_since(c.stored) < Duration::from_secs(u64::from(c.ttl))
             });
-            if cache.len() >= CACHE_ENTRIES {
-                return;
+            // Still full of live answers: drop a tenth, so the scan above runs once per
+            // thousand inserts rather than on every one.
+            if cache.len() >= CACHE_ENTRIES * 9 / 10 {
+                let evict: Vec<CacheKey> = cache.keys().take(CACHE_ENTRIES / 10).cloned().collect();
+                for key in evict {
+                    cache.remove(&key);
+                }
             }
         }
         cache.insert(
@@ -347,14 +378,14 @@ impl Proxy {
     }
 
     /// Tries the upstreams in order; `None` when none gave a usable answer.
-    async fn forward(&self, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
-        for &upstream in &self.upstreams {
+    async fn forward(&self, query: &[u8], tcp: bool, max_udp: usize) -> Option<Vec<u8>> {
+        for (index, &upstream) in self.upstreams.iter().enumerate() {
             let started = Instant::now();
             let attempt = async {
                 if tcp {
                     return tcp_exchange(upstream, query).await;
                 }
-                let reply = udp_exchange(upstream, query).await?;
+                let reply = self.udp_exchange(index, upstream, query, max_udp).await?;
                 if reply[2] & 0x02 != 0 {
                     // Truncated: ask again over TCP for the whole answer.
                     return tcp_exchange(upstream, query).await;
@@ -379,6 +410,35 @@ impl Proxy {
             tracing::warn!(upstream = %upstream, failure, "DNS upstream failed; trying the next");
         }
         None
+    }
+
+    async fn udp_exchange(
+        &self,
+        index: usize,
+        upstream: SocketAddr,
+        query: &[u8],
+        size: usize,
+    ) -> std::io::Result<Vec<u8>> {
+        let pooled = self.pools[index].lock().ok().and_then(|mut p| p.pop());
+        let socket = match pooled {
+            Some(s) => s,
+            None => udp_socket(upstream).await?,
+        };
+        socket.send(query).await?;
+        // The upstream answers within the client's buffer size (its EDNS size is forwarded).
+        let mut buf = vec![0u8; size.clamp(512, 65_535)];
+        loop {
+            let n = socket.recv(&mut buf).await?;
+            if answers(query, &buf[..n]) {
+                buf.truncate(n);
+                if let Ok(mut pool) = self.pools[index].lock()
+                    && pool.len() < POOL_PER_UPSTREAM
+                {
+                    pool.push(socket);
+                }
+                return Ok(buf);
+            }
+        }
     }
 
     /// Follows the CNAME chain from `name`, refuses the answer if a rule denies a name on it,

@@ -369,18 +369,42 @@ enum Job {
     },
 }
 
+/// Learned addresses: when each leaves the kernel set (as last written there) and the names
+/// that led to it. Shared between the writer and the DNS path, which skips the writer when an
+/// answer's addresses are all in place with enough time left.
+type LearnedMap = Arc<std::sync::Mutex<HashMap<IpAddr, Learned>>>;
+
+fn remember(entry: &mut Learned, name: &str) {
+    if !entry.names.iter().any(|n| n == name) {
+        // Bounded: many names on one address (a CDN) keep the newest few. Losing one only
+        // means the address may be withdrawn early (fail closed).
+        if entry.names.len() >= NAMES_PER_ADDRESS {
+            entry.names.remove(0);
+        }
+        entry.names.push(name.to_owned());
+    }
+}
+
+/// Whether the kernel entry must be (re)written: less than half its timeout left.
+fn stale(entry: Option<&Learned>, ttl: u32, now: Instant) -> bool {
+    let half = Duration::from_secs(u64::from(element_timeout(ttl) / 2));
+    entry.is_none_or(|l| l.expires.saturating_duration_since(now) < half)
+}
+
 /// Handle to the writer task.
 #[derive(Clone)]
 pub struct Nft {
     tx: mpsc::Sender<Job>,
+    learned: LearnedMap,
 }
 
 impl Nft {
     /// Starts the writer. The first static apply takes the table over.
     pub fn start() -> Nft {
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(writer(rx));
-        Nft { tx }
+        let learned = LearnedMap::default();
+        tokio::spawn(writer(rx, learned.clone()));
+        Nft { tx, learned }
     }
 
     /// Replaces the static part; learned addresses of names the new engine denies are dropped,
@@ -400,6 +424,20 @@ impl Nft {
 
     /// Admits the addresses of an allowed answer for `name`; returns once they are in the set.
     pub async fn learn(&self, name: String, addrs: Vec<(IpAddr, u32)>) -> Result<(), NftError> {
+        if let Ok(mut learned) = self.learned.lock() {
+            let now = Instant::now();
+            if addrs
+                .iter()
+                .all(|(ip, ttl)| !stale(learned.get(ip), *ttl, now))
+            {
+                for (ip, _) in &addrs {
+                    if let Some(entry) = learned.get_mut(ip) {
+                        remember(entry, &name);
+                    }
+                }
+                return Ok(());
+            }
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Job::Learn { name, addrs, reply })
@@ -409,10 +447,17 @@ impl Nft {
     }
 }
 
-async fn writer(mut rx: mpsc::Receiver<Job>) {
-    let mut learned: HashMap<IpAddr, Learned> = HashMap::new();
+fn lock(map: &LearnedMap) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Learned>> {
+    map.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn writer(mut rx: mpsc::Receiver<Job>, learned: LearnedMap) {
     let mut taken_over = false;
     let mut dynamic_ready = false;
+    // The engine of the static state in the kernel: learns for names it denies are refused,
+    // so an answer in flight during a policy change cannot re-admit a withdrawn name.
+    let mut current: Option<Arc<Engine>> = None;
     let mut last_prune = Instant::now();
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
@@ -424,7 +469,7 @@ async fn writer(mut rx: mpsc::Receiver<Job>) {
         }
         let now = Instant::now();
         if now.duration_since(last_prune) > Duration::from_secs(10) {
-            learned.retain(|_, l| l.expires > now);
+            lock(&learned).retain(|_, l| l.expires > now);
             last_prune = now;
         }
         let mut statics = Vec::new();
@@ -442,44 +487,53 @@ async fn writer(mut rx: mpsc::Receiver<Job>) {
         // Static changes: only the newest matters, every caller gets its outcome.
         if let Some((spec, engine, _)) = statics.last() {
             let mut script = static_script(spec, !taken_over);
-            if taken_over {
-                // Forget the addresses of names this policy denies; rebuild the dynamic sets
-                // from what stays, in the same transaction.
-                let mut dropped = false;
-                learned.retain(|_, l| {
-                    l.names.retain(|n| engine.name(n).0 == Action::Allow);
-                    let keep = !l.names.is_empty();
-                    dropped |= !keep;
-                    keep
-                });
-                if dropped && spec.mode == Mode::DnsNft {
-                    for set in ["dyn_allow_v4", "dyn_allow_v6"] {
-                        let _ = writeln!(script, "flush set inet {TABLE} {set}");
+            let mut kept = HashMap::new();
+            {
+                let mut map = lock(&learned);
+                if taken_over {
+                    // Forget the addresses of names this policy denies; rebuild the dynamic
+                    // sets from what stays, in the same transaction.
+                    let mut dropped = false;
+                    map.retain(|_, l| {
+                        l.names.retain(|n| engine.name(n).0 == Action::Allow);
+                        let keep = !l.names.is_empty();
+                        dropped |= !keep;
+                        keep
+                    });
+                    if dropped && spec.mode == Mode::DnsNft {
+                        for set in ["dyn_allow_v4", "dyn_allow_v6"] {
+                            let _ = writeln!(script, "flush set inet {TABLE} {set}");
+                        }
+                        for (ip, l) in map.iter() {
+                            let left = l.expires.saturating_duration_since(now).as_secs().max(1);
+                            let _ = writeln!(
+                                script,
+                                "add element inet {TABLE} {} {{ {ip} timeout {left}s }}",
+                                dyn_set(ip)
+                            );
+                        }
                     }
-                    for (ip, l) in &learned {
-                        let left = l.expires.saturating_duration_since(now).as_secs().max(1);
-                        let _ = writeln!(
-                            script,
-                            "add element inet {TABLE} {} {{ {ip} timeout {left}s }}",
-                            dyn_set(ip)
-                        );
-                    }
+                } else {
+                    // Taking over flushes the kernel's sets; until the transaction is in, the
+                    // DNS path must not take old entries for granted.
+                    kept = std::mem::take(&mut *map);
                 }
-            } else {
-                learned.clear();
             }
             let result = run(&script).await;
             metrics::nft_update("static", result.is_ok());
             if result.is_ok() {
                 taken_over = true;
                 dynamic_ready = spec.mode == Mode::DnsNft;
+                current = Some(engine.clone());
+            } else if !taken_over {
+                *lock(&learned) = kept;
             }
             for (_, _, reply) in statics {
                 let _ = reply.send(result.clone());
             }
         }
         if learns.is_empty() {
-            metrics::LEARNED.set(learned.len() as i64);
+            metrics::LEARNED.set(lock(&learned).len() as i64);
             continue;
         }
         if !dynamic_ready {
@@ -491,33 +545,28 @@ async fn writer(mut rx: mpsc::Receiver<Job>) {
             continue;
         }
         let mut script = String::new();
-        let mut fresh: Vec<IpAddr> = Vec::new();
-        for (name, addrs, _) in &learns {
-            for &(ip, ttl) in addrs {
-                let timeout = element_timeout(ttl);
-                let until = now + Duration::from_secs(u64::from(timeout));
-                let entry = learned.entry(ip).or_insert(Learned {
-                    expires: now,
-                    names: Vec::new(),
-                });
-                if !entry.names.contains(name) {
-                    // Bounded: many names on one address (a CDN) keep the newest few. Losing
-                    // one only means the address may be withdrawn early (fail closed).
-                    if entry.names.len() >= NAMES_PER_ADDRESS {
-                        entry.names.remove(0);
-                    }
-                    entry.names.push(name.clone());
+        let mut written: Vec<(IpAddr, Instant, &str)> = Vec::new();
+        let mut refused = Vec::new();
+        {
+            let map = lock(&learned);
+            for (index, (name, addrs, _)) in learns.iter().enumerate() {
+                if current
+                    .as_ref()
+                    .is_some_and(|e| e.name(name).0 != Action::Allow)
+                {
+                    refused.push(index);
+                    continue;
                 }
-                // Refresh in the kernel only when less than half the timeout is left.
-                let left = entry.expires.saturating_duration_since(now);
-                if left < Duration::from_secs(u64::from(timeout / 2)) {
-                    let _ = writeln!(
-                        script,
-                        "add element inet {TABLE} {} {{ {ip} timeout {timeout}s }}",
-                        dyn_set(&ip)
-                    );
-                    entry.expires = until;
-                    fresh.push(ip);
+                for &(ip, ttl) in addrs {
+                    if stale(map.get(&ip), ttl, now) && !written.iter().any(|(w, _, _)| *w == ip) {
+                        let timeout = element_timeout(ttl);
+                        let _ = writeln!(
+                            script,
+                            "add element inet {TABLE} {} {{ {ip} timeout {timeout}s }}",
+                            dyn_set(&ip)
+                        );
+                        written.push((ip, now + Duration::from_secs(u64::from(timeout)), name));
+                    }
                 }
             }
         }
@@ -526,19 +575,41 @@ async fn writer(mut rx: mpsc::Receiver<Job>) {
         } else {
             let r = run(&script).await;
             metrics::nft_update("dynamic", r.is_ok());
-            if r.is_err() {
-                // Not in the kernel after all: the next answer retries.
-                for ip in fresh {
-                    if let Some(l) = learned.get_mut(&ip) {
-                        l.expires = now;
+            r
+        };
+        {
+            // Only what the kernel now holds is recorded.
+            let mut map = lock(&learned);
+            if result.is_ok() {
+                for (ip, until, _) in &written {
+                    let entry = map.entry(*ip).or_insert(Learned {
+                        expires: *until,
+                        names: Vec::new(),
+                    });
+                    entry.expires = entry.expires.max(*until);
+                }
+                for (index, (name, addrs, _)) in learns.iter().enumerate() {
+                    if refused.contains(&index) {
+                        continue;
+                    }
+                    for (ip, _) in addrs {
+                        if let Some(entry) = map.get_mut(ip) {
+                            remember(entry, name);
+                        }
                     }
                 }
             }
-            r
-        };
-        metrics::LEARNED.set(learned.len() as i64);
-        for (_, _, reply) in learns {
-            let _ = reply.send(result.clone());
+            metrics::LEARNED.set(map.len() as i64);
+        }
+        for (index, (_, _, reply)) in learns.into_iter().enumerate() {
+            let outcome = if refused.contains(&index) {
+                Err(NftError::Refused(
+                    "the name is no longer allowed by the policy in force".into(),
+                ))
+            } else {
+                result.clone()
+            };
+            let _ = reply.send(outcome);
         }
     }
 }
@@ -662,7 +733,7 @@ mod tests {
         assert!(s.contains("udp dport 53 redirect to :15353"));
         assert!(s.contains("add element inet opensandbox allow_v4 { 198.51.100.10 }"));
         assert!(s.contains(
-            "add element inet opensandbox deny_v4 { 198.51.100.0-198.51.100.1, 198.51.100.3-198.51.100.9, 198.51.100.11-198.51.100.255 }"
+            "add element inet opensandbox deny_v4 { 198.51.100.0-198.51.100.9, 198.51.100.11-198.51.100.255 }"
         ));
         assert!(s.ends_with("add rule inet opensandbox egress counter drop\n"));
         assert!(!static_script(&spec, false).contains("delete table"));
