@@ -17,6 +17,11 @@ pub const EGRESS_PORT: u16 = 18080;
 pub const ENV_EGRESS_RULES: &str = "OPENSANDBOX_EGRESS_RULES";
 pub const ENV_EGRESS_MODE: &str = "OPENSANDBOX_EGRESS_MODE";
 pub const ENV_EGRESS_TOKEN: &str = "OPENSANDBOX_EGRESS_TOKEN";
+pub const ENV_EGRESS_POLICY_FILE: &str = "OPENSANDBOX_EGRESS_POLICY_FILE";
+/// Where the sidecar keeps policy changes made through its API: an emptyDir, so a restarted
+/// sidecar container finds them (the pod's lifetime bounds them, as it bounds the sandbox).
+pub const EGRESS_STATE_DIR: &str = "/var/egress/state";
+pub const EGRESS_STATE_VOLUME: &str = "egress-state";
 
 /// What the pod needs from the owner beyond its template.
 pub struct Owner<'a> {
@@ -111,6 +116,17 @@ fn inject_egress(spec: &mut Value, egress: &Egress<'_>) {
             add.retain(|cap| cap != "NET_ADMIN" && cap != "CAP_NET_ADMIN");
         }
     }
+    if !spec.get("volumes").is_some_and(Value::is_array) {
+        spec["volumes"] = json!([]);
+    }
+    if let Some(volumes) = spec["volumes"].as_array_mut()
+        && !volumes.iter().any(|v| v["name"] == EGRESS_STATE_VOLUME)
+    {
+        volumes.push(json!({"name": EGRESS_STATE_VOLUME, "emptyDir": {}}));
+    }
+    let Some(containers) = spec["containers"].as_array_mut() else {
+        return;
+    };
     containers.push(json!({
         "name": EGRESS_CONTAINER,
         "image": egress.image,
@@ -118,7 +134,9 @@ fn inject_egress(spec: &mut Value, egress: &Egress<'_>) {
             {"name": ENV_EGRESS_RULES, "value": egress.policy},
             {"name": ENV_EGRESS_MODE, "value": egress.mode},
             {"name": ENV_EGRESS_TOKEN, "value": egress.token},
+            {"name": ENV_EGRESS_POLICY_FILE, "value": format!("{EGRESS_STATE_DIR}/policy.json")},
         ],
+        "volumeMounts": [{"name": EGRESS_STATE_VOLUME, "mountPath": EGRESS_STATE_DIR}],
         "ports": [{"name": "egress-api", "containerPort": EGRESS_PORT}],
         "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}},
         "readinessProbe": {
@@ -187,6 +205,19 @@ mod tests {
         );
         assert_eq!(containers[1]["name"], EGRESS_CONTAINER);
         assert_eq!(containers[1]["env"][2]["value"], "t");
+        // API changes survive a sidecar restart: policy file on an emptyDir.
+        assert_eq!(
+            containers[1]["env"][3]["value"],
+            "/var/egress/state/policy.json"
+        );
+        assert_eq!(
+            containers[1]["volumeMounts"][0]["mountPath"],
+            EGRESS_STATE_DIR
+        );
+        assert_eq!(
+            pod["spec"]["volumes"],
+            json!([{"name": EGRESS_STATE_VOLUME, "emptyDir": {}}])
+        );
         // A template that already has the sidecar is left as it is.
         let egress = Egress {
             policy: "{}",

@@ -301,6 +301,24 @@ fn kill_leaves_the_namespace_locked_and_restart_keeps_api_changes() {
     assert_eq!(code, 200);
     assert_eq!(lab.dig("www.example.test", &[]).0, "NOERROR");
     assert!(lab.http(ALLOWED_IP));
+    // Thirty more names on the same address: no nft process for any of them.
+    let dynamic = |lab: &Lab| {
+        let (_, m) = lab.api("GET", "/metrics", None, None);
+        m.lines()
+            .find(|l| l.starts_with("egress_nft_updates_total{kind=\"dynamic\",result=\"ok\"}"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = dynamic(&lab);
+    for i in 0..30 {
+        assert_eq!(lab.dig(&format!("n{i}.example.test"), &[]).0, "NOERROR");
+    }
+    assert_eq!(
+        dynamic(&lab),
+        before,
+        "address already admitted: no nftables update"
+    );
 
     lab.kill_sidecar();
     assert!(
