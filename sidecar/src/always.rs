@@ -76,6 +76,8 @@ pub struct Watcher {
     current: AlwaysRules,
     /// The last error reported per file, so a broken file is reported once, not every poll.
     reported: [Option<String>; 2],
+    /// The last change was not applied: report the rules again even if unchanged.
+    unapplied: bool,
 }
 
 impl Watcher {
@@ -87,6 +89,7 @@ impl Watcher {
             stamps: [None, None],
             current: AlwaysRules::default(),
             reported: [None, None],
+            unapplied: false,
         };
         let errors = watcher.poll_inner(true).1;
         (watcher, errors)
@@ -100,10 +103,7 @@ impl Watcher {
     /// change (used when applying the last change failed).
     pub fn retry(&mut self) {
         self.stamps = [None, None];
-        self.current = AlwaysRules {
-            deny: vec!["#retry".into()],
-            allow: Vec::new(),
-        };
+        self.unapplied = true;
     }
 
     /// Re-reads files whose size or modification time changed. Returns the new rules when
@@ -139,9 +139,10 @@ impl Watcher {
                 }
             }
         }
-        if next == self.current {
+        if next == self.current && !self.unapplied {
             return (None, errors);
         }
+        self.unapplied = false;
         self.current = next.clone();
         (Some(next), errors)
     }
@@ -181,6 +182,12 @@ mod tests {
             w.current().deny,
             vec!["blocked.test"],
             "last good rules kept"
+        );
+        w.retry();
+        assert_eq!(
+            w.poll().0.unwrap().deny,
+            vec!["blocked.test"],
+            "a change that failed to apply is reported again"
         );
         std::fs::remove_file(dir.join(DENY_FILE)).unwrap();
         let (changed, _) = w.poll();

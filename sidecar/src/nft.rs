@@ -150,10 +150,11 @@ fn elements(v6: bool, ranges: &[(u128, u128)]) -> String {
         .join(", ")
 }
 
-fn family(ip: &IpAddr) -> (&'static str, &'static str) {
+/// The nft payload keyword for an address's family.
+fn family(ip: &IpAddr) -> &'static str {
     match ip {
-        IpAddr::V4(_) => ("ip", "v4"),
-        IpAddr::V6(_) => ("ip6", "v6"),
+        IpAddr::V4(_) => "ip",
+        IpAddr::V6(_) => "ip6",
     }
 }
 
@@ -180,7 +181,7 @@ pub fn static_script(spec: &StaticSpec, takeover: bool) -> String {
         "add rule inet {t} dns_redirect meta mark {SOCKET_MARK:#x} return"
     );
     for ip in &spec.redirect_exempt {
-        let (fam, _) = family(ip);
+        let fam = family(ip);
         let _ = writeln!(
             s,
             "add rule inet {t} dns_redirect {fam} daddr {ip} udp dport 53 return"
@@ -254,7 +255,7 @@ pub fn static_script(spec: &StaticSpec, takeover: bool) -> String {
     rule("tcp dport 853 drop");
     rule("udp dport 853 drop");
     for ip in &spec.redirect_exempt {
-        let (fam, _) = family(ip);
+        let fam = family(ip);
         rule(&format!("{fam} daddr {ip} udp dport 53 accept"));
         rule(&format!("{fam} daddr {ip} tcp dport 53 accept"));
     }
@@ -545,7 +546,7 @@ async fn writer(mut rx: mpsc::Receiver<Job>, learned: LearnedMap) {
             continue;
         }
         let mut script = String::new();
-        let mut written: Vec<(IpAddr, Instant, &str)> = Vec::new();
+        let mut written: Vec<(IpAddr, Instant)> = Vec::new();
         let mut refused = Vec::new();
         {
             let map = lock(&learned);
@@ -558,14 +559,14 @@ async fn writer(mut rx: mpsc::Receiver<Job>, learned: LearnedMap) {
                     continue;
                 }
                 for &(ip, ttl) in addrs {
-                    if stale(map.get(&ip), ttl, now) && !written.iter().any(|(w, _, _)| *w == ip) {
+                    if stale(map.get(&ip), ttl, now) && !written.iter().any(|(w, _)| *w == ip) {
                         let timeout = element_timeout(ttl);
                         let _ = writeln!(
                             script,
                             "add element inet {TABLE} {} {{ {ip} timeout {timeout}s }}",
                             dyn_set(&ip)
                         );
-                        written.push((ip, now + Duration::from_secs(u64::from(timeout)), name));
+                        written.push((ip, now + Duration::from_secs(u64::from(timeout))));
                     }
                 }
             }
@@ -581,7 +582,7 @@ async fn writer(mut rx: mpsc::Receiver<Job>, learned: LearnedMap) {
             // Only what the kernel now holds is recorded.
             let mut map = lock(&learned);
             if result.is_ok() {
-                for (ip, until, _) in &written {
+                for (ip, until) in &written {
                     let entry = map.entry(*ip).or_insert(Learned {
                         expires: *until,
                         names: Vec::new(),
