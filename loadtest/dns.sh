@@ -8,13 +8,19 @@
 # goes through the nftables writer. Direct queries carry the proxy's socket mark and so bypass
 # the port-53 redirect.
 #
-# Env: QUERIES (latency samples per scenario, 5000), SECONDS_QPS (5), CONCURRENCY (16).
+# A third scenario asks AAAA for names that each have their own address (a dnsmasq hosts file
+# of FRESH names in 2001:db8:1::/48), so every answer must reach the nftables set first.
+#
+# Env: QUERIES (latency samples per scenario, 5000), SECONDS_QPS (5), CONCURRENCY (16),
+# FRESH (200000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 QUERIES=${QUERIES:-5000}
 SECONDS_QPS=${SECONDS_QPS:-5}
 CONCURRENCY=${CONCURRENCY:-16}
+FRESH=${FRESH:-200000}
+export FRESH
 
 scripts/setup.sh
 cargo build --release -p sidecar --bin egress-sidecar --example dns-bench --example policy-bench >/dev/null
@@ -41,14 +47,15 @@ for ns in "$sb" "$up"; do ip -n "$ns" link set lo up; done
 ip -n "$sb" link set "vb$id" up
 ip -n "$up" link set "vu$id" up
 
+awk -v n="$FRESH" 'BEGIN { for (i = 0; i < n; i++) printf "2001:db8:1::%x:%x f%d.fresh.test\n", int(i / 65536), i % 65536, i }' >"$work/fresh.hosts"
 ip netns exec "$up" dnsmasq --no-daemon --no-resolv --no-hosts --bind-interfaces \
   --listen-address=198.51.100.2 --local-ttl=300 --cache-size=10000 \
-  --address=/bench.test/198.51.100.30 --pid-file= >"$work/dnsmasq.log" 2>&1 &
+  --address=/bench.test/198.51.100.30 --addn-hosts="$work/fresh.hosts" --pid-file= >"$work/dnsmasq.log" 2>&1 &
 mkdir -p "$work/rules"
 ip netns exec "$sb" env \
   OPENSANDBOX_EGRESS_MODE=dns+nft \
   OPENSANDBOX_EGRESS_DNS_UPSTREAM=198.51.100.2 \
-  OPENSANDBOX_EGRESS_RULES='{"defaultAction":"deny","egress":[{"action":"allow","target":"*.bench.test"}]}' \
+  OPENSANDBOX_EGRESS_RULES='{"defaultAction":"deny","egress":[{"action":"allow","target":"*.bench.test"},{"action":"allow","target":"*.fresh.test"}]}' \
   OPENSANDBOX_EGRESS_RULES_DIR="$work/rules" \
   OPENSANDBOX_EGRESS_HTTP_ADDR=127.0.0.1:18080 \
   OPENSANDBOX_EGRESS_LOG_LEVEL=warn \
@@ -70,7 +77,7 @@ out="loadtest/results/$(date +%F)-$commit-dns.md"
   target/release/examples/policy-bench
   echo
   learned=$(ip netns exec "$sb" curl -s http://127.0.0.1:18080/metrics | grep -E '^egress_nft_updates_total' || true)
-  echo "nftables transactions during the run:"
+  echo "nftables transactions during the run (learned addresses are batched per transaction):"
   echo "$learned" | sed 's/^/    /'
 } | tee "$out"
 echo "written to $out"

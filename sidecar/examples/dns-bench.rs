@@ -5,8 +5,10 @@
 //!
 //! Direct queries carry the proxy's socket mark, so the port-53 redirect lets them through.
 //! Scenarios: `cached` asks one name again and again (the proxy answers from its cache),
-//! `uncached` asks a new name every time (the proxy forwards every query and admits the
-//! answer's address to nftables).
+//! `uncached` asks a new name every time, all on one address (the proxy forwards every query;
+//! the address is admitted once), `new address` asks AAAA for `f<i>.fresh.test`, a new name on
+//! a new address every time (every answer must reach the nftables set before it is returned;
+//! needs the `fresh.test` hosts file `loadtest/dns.sh` gives dnsmasq, `FRESH` names).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -36,20 +38,25 @@ fn socket(target: SocketAddr, mark: bool) -> UdpSocket {
     s
 }
 
-fn packet(id: u16, name: &str) -> Vec<u8> {
+fn packet(id: u16, name: &str, ty: RecordType) -> Vec<u8> {
     let mut m = Message::query();
     m.metadata.id = id;
     m.metadata.recursion_desired = true;
     m.add_query(Query::query(
         Name::from_ascii(name).unwrap_or_else(|e| panic!("{e}")),
-        RecordType::A,
+        ty,
     ));
     m.to_vec().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// One query and its answer; `None` on timeout or a non-NOERROR answer.
 fn exchange(s: &UdpSocket, id: u16, name: &str, buf: &mut [u8]) -> Option<Duration> {
-    let q = packet(id, name);
+    let ty = if name.ends_with(".fresh.test.") {
+        RecordType::AAAA
+    } else {
+        RecordType::A
+    };
+    let q = packet(id, name, ty);
     let start = Instant::now();
     s.send(&q).ok()?;
     loop {
@@ -60,11 +67,21 @@ fn exchange(s: &UdpSocket, id: u16, name: &str, buf: &mut [u8]) -> Option<Durati
     }
 }
 
-fn name_for(cached: bool, run: &str, i: u64) -> String {
-    if cached {
-        "hot.bench.test.".to_owned()
-    } else {
-        format!("n{i}.{run}.bench.test.")
+#[derive(Clone, Copy, PartialEq)]
+enum Scenario {
+    Cached,
+    Uncached,
+    /// Fresh names from `f<first>` on, one per query.
+    NewAddress {
+        first: u64,
+    },
+}
+
+fn name_for(scenario: Scenario, run: &str, i: u64) -> String {
+    match scenario {
+        Scenario::Cached => "hot.bench.test.".to_owned(),
+        Scenario::Uncached => format!("n{i}.{run}.bench.test."),
+        Scenario::NewAddress { first } => format!("f{}.fresh.test.", first + i),
     }
 }
 
@@ -74,16 +91,16 @@ struct Latency {
     failed: usize,
 }
 
-fn latency(target: SocketAddr, mark: bool, cached: bool, run: &str, n: usize) -> Latency {
+fn latency(target: SocketAddr, mark: bool, scenario: Scenario, run: &str, n: usize) -> Latency {
     let s = socket(target, mark);
     let mut buf = vec![0u8; 4096];
     // Warm the cache (and the learned address) once.
-    let _ = exchange(&s, 1, &name_for(true, run, 0), &mut buf);
+    let _ = exchange(&s, 1, &name_for(Scenario::Cached, run, 0), &mut buf);
     let mut samples = Vec::with_capacity(n);
     let mut failed = 0;
     for i in 0..n {
         let id = (i % 65_000) as u16 + 2;
-        match exchange(&s, id, &name_for(cached, run, i as u64), &mut buf) {
+        match exchange(&s, id, &name_for(scenario, run, i as u64), &mut buf) {
             Some(d) => samples.push(d.as_secs_f64() * 1e6),
             None => failed += 1,
         }
@@ -106,7 +123,7 @@ fn latency(target: SocketAddr, mark: bool, cached: bool, run: &str, n: usize) ->
 fn throughput(
     target: SocketAddr,
     mark: bool,
-    cached: bool,
+    scenario: Scenario,
     run: &str,
     secs: u64,
     workers: u64,
@@ -123,7 +140,11 @@ fn throughput(
                 let mut i = 0u64;
                 while Instant::now() < deadline {
                     let id = (i % 65_000) as u16 + 1;
-                    let name = name_for(cached, &format!("{run}w{w}"), i);
+                    // Workers interleave over the fresh names, so none is asked twice.
+                    let name = match scenario {
+                        Scenario::NewAddress { .. } => name_for(scenario, &run, i * workers + w),
+                        _ => name_for(scenario, &format!("{run}w{w}"), i),
+                    };
                     match exchange(&s, id, &name, &mut buf) {
                         Some(_) => done.fetch_add(1, Ordering::Relaxed),
                         None => failed.fetch_add(1, Ordering::Relaxed),
@@ -164,14 +185,46 @@ fn main() {
         "| scenario | direct p50 µs | direct p99 µs | proxy p50 µs | proxy p99 µs | added p50 µs | added p99 µs | direct q/s | proxy q/s | proxy/direct q/s |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    for cached in [true, false] {
-        let scenario = if cached { "cached" } else { "uncached" };
-        let d = latency(direct, true, cached, &format!("d{stamp}l"), n);
-        let p = latency(proxy, false, cached, &format!("p{stamp}l"), n);
-        let (dq, df) = throughput(direct, true, cached, &format!("d{stamp}t"), secs, workers);
-        let (pq, pf) = throughput(proxy, false, cached, &format!("p{stamp}t"), secs, workers);
+    let fresh: u64 = std::env::var("FRESH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut scenarios = vec![
+        ("cached", Scenario::Cached),
+        ("uncached", Scenario::Uncached),
+    ];
+    if fresh > 0 {
+        scenarios.push(("new address", Scenario::NewAddress { first: 0 }));
+    }
+    for (label, scenario) in scenarios {
+        // Fresh names: latency runs use the first n (direct) and the next n (proxy), the
+        // throughput runs the rest, direct and proxy each from their own half.
+        let pick = |offset: u64| match scenario {
+            Scenario::NewAddress { .. } => Scenario::NewAddress { first: offset },
+            other => other,
+        };
+        let n64 = n as u64;
+        let half = fresh.saturating_sub(2 * n64) / 2;
+        let d = latency(direct, true, pick(0), &format!("d{stamp}l"), n);
+        let p = latency(proxy, false, pick(n64), &format!("p{stamp}l"), n);
+        let (dq, df) = throughput(
+            direct,
+            true,
+            pick(2 * n64),
+            &format!("d{stamp}t"),
+            secs,
+            workers,
+        );
+        let (pq, pf) = throughput(
+            proxy,
+            false,
+            pick(2 * n64 + half),
+            &format!("p{stamp}t"),
+            secs,
+            workers,
+        );
         println!(
-            "| {scenario} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}x |",
+            "| {label} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}x |",
             d.p50,
             d.p99,
             p.p50,
@@ -185,9 +238,14 @@ fn main() {
         let failures = d.failed as u64 + p.failed as u64 + df + pf;
         if failures > 0 {
             println!(
-                "  ({scenario}: {failures} queries failed or timed out: direct {} + {df}, proxy {} + {pf})",
+                "  ({label}: {failures} queries failed or timed out: direct {} + {df}, proxy {} + {pf})",
                 d.failed, p.failed
             );
+        }
+        if let Scenario::NewAddress { .. } = scenario
+            && pq * secs as f64 > half as f64
+        {
+            println!("  (new address: more queries than fresh names; raise FRESH)");
         }
     }
 }

@@ -8,5 +8,6 @@ pub mod config;
 pub mod dns;
 pub mod engine;
 pub mod metrics;
+pub mod netlink;
 pub mod nft;
 pub mod state;

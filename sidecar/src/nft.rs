@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::{Mode, SOCKET_MARK};
 use crate::engine::{Engine, parse_net};
 use crate::metrics;
+use crate::netlink::Netlink;
 
 /// The table name the reference sidecar uses, so either one takes over the other's table.
 pub const TABLE: &str = "opensandbox";
@@ -453,6 +454,34 @@ fn lock(map: &LearnedMap) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Learned>>
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Adds learned addresses over netlink (on a blocking thread: it waits for the kernel's
+/// acknowledgement), falling back to `nft -f` with the same elements if netlink fails.
+async fn add_elements(
+    netlink: &mut Option<Netlink>,
+    elements: Vec<(IpAddr, Duration)>,
+    script: &str,
+) -> Result<(), NftError> {
+    if let Some(mut nl) = netlink.take() {
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = nl.add(TABLE, "dyn_allow_v4", "dyn_allow_v6", &elements);
+            (nl, r)
+        })
+        .await;
+        match joined {
+            Ok((nl, Ok(()))) => {
+                *netlink = Some(nl);
+                return Ok(());
+            }
+            Ok((nl, Err(e))) => {
+                tracing::warn!(error = %e, "netlink element add failed; retrying through nft");
+                *netlink = Some(nl);
+            }
+            Err(e) => tracing::warn!(error = %e, "netlink worker failed; using nft from now on"),
+        }
+    }
+    run(script).await
+}
+
 async fn writer(mut rx: mpsc::Receiver<Job>, learned: LearnedMap) {
     let mut taken_over = false;
     let mut dynamic_ready = false;
@@ -460,6 +489,13 @@ async fn writer(mut rx: mpsc::Receiver<Job>, learned: LearnedMap) {
     // so an answer in flight during a policy change cannot re-admit a withdrawn name.
     let mut current: Option<Arc<Engine>> = None;
     let mut last_prune = Instant::now();
+    let mut netlink = match Netlink::open() {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::warn!(error = %e, "no nf_tables netlink socket; learned addresses go through nft");
+            None
+        }
+    };
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         while jobs.len() < 512 {
@@ -574,7 +610,11 @@ async fn writer(mut rx: mpsc::Receiver<Job>, learned: LearnedMap) {
         let result = if script.is_empty() {
             Ok(())
         } else {
-            let r = run(&script).await;
+            let elements: Vec<(IpAddr, Duration)> = written
+                .iter()
+                .map(|(ip, until)| (*ip, until.saturating_duration_since(now)))
+                .collect();
+            let r = add_elements(&mut netlink, elements, &script).await;
             metrics::nft_update("dynamic", r.is_ok());
             r
         };
