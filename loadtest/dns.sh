@@ -12,14 +12,14 @@
 # of FRESH names in 2001:db8:1::/48), so every answer must reach the nftables set first.
 #
 # Env: QUERIES (latency samples per scenario, 5000), SECONDS_QPS (5), CONCURRENCY (16),
-# FRESH (200000).
+# FRESH (400000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 QUERIES=${QUERIES:-5000}
 SECONDS_QPS=${SECONDS_QPS:-5}
 CONCURRENCY=${CONCURRENCY:-16}
-FRESH=${FRESH:-200000}
+FRESH=${FRESH:-400000}
 export FRESH
 
 scripts/setup.sh

@@ -127,6 +127,7 @@ fn throughput(
     run: &str,
     secs: u64,
     workers: u64,
+    span: u64,
 ) -> (f64, u64) {
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -142,7 +143,9 @@ fn throughput(
                     let id = (i % 65_000) as u16 + 1;
                     // Workers interleave over the fresh names, so none is asked twice.
                     let name = match scenario {
-                        Scenario::NewAddress { .. } => name_for(scenario, &run, i * workers + w),
+                        Scenario::NewAddress { .. } => {
+                            name_for(scenario, &run, (i * workers + w) % span.max(1))
+                        }
                         _ => name_for(scenario, &format!("{run}w{w}"), i),
                     };
                     match exchange(&s, id, &name, &mut buf) {
@@ -222,6 +225,7 @@ fn main() {
             &format!("p{stamp}t"),
             secs,
             workers,
+            half,
         );
         println!(
             "| {label} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}x |",
