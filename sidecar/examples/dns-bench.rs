@@ -217,6 +217,7 @@ fn main() {
             &format!("d{stamp}t"),
             secs,
             workers,
+            half,
         );
         let (pq, pf) = throughput(
             proxy,
