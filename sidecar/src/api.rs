@@ -13,7 +13,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use sandbox_api::policy::{self, Policy, Rule};
-use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
@@ -48,7 +47,20 @@ fn text(code: StatusCode, body: &str) -> Reply {
     r
 }
 
-fn json_reply(value: &Value) -> Reply {
+/// The JSON answer of the policy routes, keys in the reference's order.
+#[derive(serde::Serialize)]
+struct Status<'a> {
+    status: &'static str,
+    mode: &'static str,
+    #[serde(rename = "enforcementMode")]
+    enforcement_mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<&'a Policy>,
+}
+
+fn json_reply(value: &impl serde::Serialize) -> Reply {
     let mut body = serde_json::to_vec(value).unwrap_or_default();
     body.push(b'\n');
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -145,12 +157,20 @@ impl Api {
 
     async fn get(&self) -> Reply {
         let policy = self.state.policy().await;
-        json_reply(&json!({
-            "status": "ok",
-            "mode": state::mode_name(&policy),
-            "enforcementMode": enforcement(self.state.mode),
-            "policy": policy,
-        }))
+        json_reply(&Status {
+            policy: Some(&policy),
+            ..self.status(&policy, None)
+        })
+    }
+
+    fn status<'a>(&self, policy: &Policy, reason: Option<&'a str>) -> Status<'a> {
+        Status {
+            status: "ok",
+            mode: state::mode_name(policy),
+            enforcement_mode: enforcement(self.state.mode),
+            reason,
+            policy: None,
+        }
     }
 
     fn too_many(&self, count: usize) -> Option<Reply> {
@@ -171,12 +191,10 @@ impl Api {
             tracing::error!(error = %e, "policy change failed");
             return text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
         }
-        let mut out =
-            json!({"status": "ok", "mode": mode, "enforcementMode": enforcement(self.state.mode)});
-        if let Some(reason) = reason {
-            out["reason"] = json!(reason);
-        }
-        json_reply(&out)
+        json_reply(&Status {
+            mode,
+            ..self.status(&crate::config::deny_all(), reason)
+        })
     }
 
     /// POST and PUT: the whole policy; an empty body resets to deny-all.
@@ -258,12 +276,7 @@ impl Api {
         }
         let mut policy = self.state.policy().await;
         if state::remove(&mut policy, &targets) == 0 {
-            return json_reply(&json!({
-                "status": "ok",
-                "mode": state::mode_name(&policy),
-                "enforcementMode": enforcement(self.state.mode),
-                "reason": "no matching targets found",
-            }));
+            return json_reply(&self.status(&policy, Some("no matching targets found")));
         }
         self.commit(policy, None).await
     }
