@@ -252,6 +252,9 @@ pub fn static_script(spec: &StaticSpec, takeover: bool) -> String {
     rule("oifname \"lo\" accept");
     rule("ip daddr 127.0.0.0/8 accept");
     rule("ip6 daddr ::1 accept");
+    // IPv6 needs neighbour discovery to reach anything (ARP, its IPv4 counterpart, is not
+    // filtered by an inet table).
+    rule("icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept");
     // DNS over TLS would bypass the proxy.
     rule("tcp dport 853 drop");
     rule("udp dport 853 drop");

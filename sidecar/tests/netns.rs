@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{ALLOWED_IP, BLOCKED_IP, Lab, TOKEN};
+use support::{ALLOWED_IP, ALLOWED_IP6, BLOCKED_IP, BLOCKED_IP6, Lab, TOKEN};
 
 const ALLOW_ALLOWED: &str =
     r#"{"defaultAction":"deny","egress":[{"action":"allow","target":"allowed.test"}]}"#;
@@ -29,6 +29,18 @@ fn dns_nft_admits_only_the_addresses_of_allowed_names() {
     );
     assert_eq!(lab.dig("blocked.test", &[]).0, "NXDOMAIN");
     assert!(!lab.http(BLOCKED_IP), "denied address must stay closed");
+    // IPv6: the AAAA answer opens its address in the v6 set; the denied one stays closed.
+    assert!(!lab.http(ALLOWED_IP6), "v6 address open before the lookup");
+    let (status, answers) = lab.dig("allowed.test", &["AAAA"]);
+    assert_eq!(
+        (status.as_str(), answers),
+        ("NOERROR", vec![ALLOWED_IP6.to_owned()])
+    );
+    assert!(
+        lab.http(ALLOWED_IP6),
+        "allowed v6 address must connect after the lookup"
+    );
+    assert!(!lab.http(BLOCKED_IP6));
     // Over TCP, any case, trailing dot: same verdicts.
     assert_eq!(lab.dig("ALLOWED.test.", &["+tcp"]).0, "NOERROR");
     assert_eq!(lab.dig("blocked.test", &["+tcp"]).0, "NXDOMAIN");

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 pub const DNS: &str = "198.51.100.2";
 pub const ALLOWED_IP: &str = "198.51.100.10";
 pub const BLOCKED_IP: &str = "198.51.100.20";
+pub const ALLOWED_IP6: &str = "2001:db8::10";
+pub const BLOCKED_IP6: &str = "2001:db8::20";
 pub const TOKEN: &str = "test-token";
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -67,8 +69,8 @@ fn dnsmasq_args(listen: &str, port: u16) -> Vec<String> {
         "--no-hosts",
         "--bind-interfaces",
         "--local-ttl=300",
-        "--host-record=allowed.test,198.51.100.10",
-        "--host-record=blocked.test,198.51.100.20",
+        "--host-record=allowed.test,198.51.100.10,2001:db8::10",
+        "--host-record=blocked.test,198.51.100.20,2001:db8::20",
         "--address=/example.test/198.51.100.10",
         "--address=/a.test/198.51.100.10",
         "--address=/bench.test/198.51.100.30",
@@ -145,15 +147,27 @@ impl Lab {
             &upstream,
         ]));
         for (ns, dev, addrs) in [
-            (&sandbox, &a, &["198.51.100.1/24"][..]),
+            (&sandbox, &a, &["198.51.100.1/24", "2001:db8::1/64"][..]),
             (
                 &upstream,
                 &b,
-                &["198.51.100.2/24", "198.51.100.10/24", "198.51.100.20/24"][..],
+                &[
+                    "198.51.100.2/24",
+                    "198.51.100.10/24",
+                    "198.51.100.20/24",
+                    "2001:db8::10/64",
+                    "2001:db8::20/64",
+                ][..],
             ),
         ] {
             for addr in addrs {
-                ok(Command::new("ip").args(["-n", ns, "addr", "add", addr, "dev", dev]));
+                let mut cmd = Command::new("ip");
+                cmd.args(["-n", ns, "addr", "add", addr, "dev", dev]);
+                if addr.contains(':') {
+                    // No duplicate address detection: usable at once.
+                    cmd.arg("nodad");
+                }
+                ok(&mut cmd);
             }
             ok(Command::new("ip").args(["-n", ns, "link", "set", dev, "up"]));
             ok(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]));
@@ -169,7 +183,12 @@ impl Lab {
         let web = Command::new("ip")
             .args(["netns", "exec", &upstream])
             .arg(example("test-web"))
-            .args([format!("{ALLOWED_IP}:80"), format!("{BLOCKED_IP}:80")])
+            .args([
+                format!("{ALLOWED_IP}:80"),
+                format!("{BLOCKED_IP}:80"),
+                format!("[{ALLOWED_IP6}]:80"),
+                format!("[{BLOCKED_IP6}]:80"),
+            ])
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
@@ -178,7 +197,7 @@ impl Lab {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let dns = lab.dig("allowed.test", &[]).0 == "NOERROR";
-            if dns && lab.http(BLOCKED_IP) {
+            if dns && lab.http(BLOCKED_IP) && lab.http(BLOCKED_IP6) {
                 break;
             }
             assert!(Instant::now() < deadline, "test hosts did not come up");
@@ -294,10 +313,18 @@ impl Lab {
 
     /// Whether an HTTP request from the sandbox to `ip` gets the web server's answer.
     pub fn http(&self, ip: &str) -> bool {
-        let out =
-            run(self
-                .in_sandbox("curl")
-                .args(["-s", "--max-time", "2", &format!("http://{ip}/")]));
+        let host = if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            ip.to_owned()
+        };
+        let out = run(self.in_sandbox("curl").args([
+            "-s",
+            "-g",
+            "--max-time",
+            "2",
+            &format!("http://{host}/"),
+        ]));
         String::from_utf8_lossy(&out.stdout).contains("hello from")
     }
 
