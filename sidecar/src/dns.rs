@@ -188,6 +188,15 @@ impl Proxy {
 
     /// The reply to one query, or `None` when nothing should be sent (not a query at all).
     pub async fn answer(&self, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
+        let started = Instant::now();
+        let reply = self.answer_inner(query, tcp).await;
+        if reply.is_some() {
+            metrics::QUERY_LATENCY.observe(started.elapsed().as_secs_f64());
+        }
+        reply
+    }
+
+    async fn answer_inner(&self, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
         if query.len() < HEADER_LEN || query[2] & 0x80 != 0 {
             return None;
         }

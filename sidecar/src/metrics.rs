@@ -59,6 +59,21 @@ pub static UPSTREAM_LATENCY: LazyLock<Histogram> = LazyLock::new(|| {
     )
 });
 
+pub static QUERY_LATENCY: LazyLock<Histogram> = LazyLock::new(|| {
+    register(
+        Histogram::with_opts(
+            HistogramOpts::new(
+                "egress_dns_query_duration_seconds",
+                "Time from a query's arrival to its answer, whatever the verdict.",
+            )
+            .buckets(vec![
+                0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0,
+            ]),
+        )
+        .unwrap_or_else(|e| panic!("{e}")),
+    )
+});
+
 pub static UPSTREAM_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "egress_dns_upstream_failures_total",
@@ -119,6 +134,7 @@ pub fn init() {
     }
     LazyLock::force(&CACHE_HITS);
     LazyLock::force(&UPSTREAM_LATENCY);
+    LazyLock::force(&QUERY_LATENCY);
     LazyLock::force(&UPSTREAM_FAILURES);
     LazyLock::force(&NFT_UPDATES);
     LazyLock::force(&LEARNED);

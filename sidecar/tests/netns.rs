@@ -237,6 +237,7 @@ fn api_authentication_limits_and_bad_bodies() {
         "egress_nft_updates_total",
         "egress_dns_upstream_duration_seconds",
         "egress_dns_cache_hits_total",
+        "egress_dns_query_duration_seconds_bucket",
     ] {
         assert!(metrics.contains(name), "missing {name}");
     }
