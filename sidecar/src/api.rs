@@ -3,7 +3,6 @@
 //! `GET /healthz`, and `GET /metrics`. Errors are plain text, successes JSON.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use sandbox_api::policy::{self, Policy, Rule};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
-use crate::config::{Mode, deny_all};
+use crate::config::deny_all;
 use crate::metrics;
 use crate::state::{self, State};
 
@@ -69,10 +68,6 @@ fn json_reply(value: &impl serde::Serialize) -> Reply {
         header::HeaderValue::from_static("application/json"),
     );
     r
-}
-
-fn enforcement(mode: Mode) -> &'static str {
-    mode.as_str()
 }
 
 impl Api {
@@ -167,7 +162,7 @@ impl Api {
         Status {
             status: "ok",
             mode: state::mode_name(policy),
-            enforcement_mode: enforcement(self.state.mode),
+            enforcement_mode: self.state.mode.as_str(),
             reason,
             policy: None,
         }
@@ -301,8 +296,4 @@ pub async fn serve(api: Arc<Api>, listener: TcpListener) {
             let _ = conn.await;
         });
     }
-}
-
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }

@@ -100,7 +100,7 @@ async fn run(config: Config) -> Result<(), String> {
         }
     }
 
-    let listener = api::bind(config.http_addr)
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .map_err(|e| format!("cannot listen for the API on {}: {e}", config.http_addr))?;
     let api = Arc::new(Api {

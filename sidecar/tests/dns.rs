@@ -36,8 +36,8 @@ async fn setup(policy: &str, upstreams: &[String], timeout_secs: u64) -> Setup {
         .iter()
         .map(|u| {
             if u == "dnsmasq" {
-                let port = free_port();
-                dnsmasq = Some(support::dnsmasq_local("127.0.0.1", port));
+                let (child, port) = support::dnsmasq_local("127.0.0.1");
+                dnsmasq = Some(child);
                 format!("127.0.0.1:{port}")
             } else {
                 u.clone()
@@ -65,8 +65,16 @@ async fn setup(policy: &str, upstreams: &[String], timeout_secs: u64) -> Setup {
         config.upstreams.clone(),
         config.upstream_timeout,
     ));
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    dns::serve(proxy, addr).await.unwrap();
+    // The port can be taken between the check and the bind (TCP and UDP both): retry.
+    let mut addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    for attempt in 0..5 {
+        addr.set_port(free_port());
+        match dns::serve(proxy.clone(), addr).await {
+            Ok(()) => break,
+            Err(e) if attempt < 4 => eprintln!("proxy port {addr} taken ({e}); retrying"),
+            Err(e) => panic!("no port for the proxy: {e}"),
+        }
+    }
     Setup {
         proxy: addr,
         _dnsmasq: dnsmasq,

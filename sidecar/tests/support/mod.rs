@@ -4,7 +4,7 @@
 //! addresses only, no route out, everything removed on drop.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -90,21 +90,44 @@ fn dnsmasq_args(listen: &str, port: u16) -> Vec<String> {
     args
 }
 
-/// Starts dnsmasq on `listen:port` in the current namespace (used by the in-process tests).
-pub fn dnsmasq_local(listen: &str, port: u16) -> Child {
-    let child = Command::new("dnsmasq")
-        .args(dnsmasq_args(listen, port))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dnsmasq (scripts/setup.sh installs it)");
-    wait_udp(listen, port);
-    child
+/// A port free for both UDP and TCP on `listen` right now.
+fn free_port(listen: &str) -> u16 {
+    loop {
+        let udp = std::net::UdpSocket::bind((listen, 0)).unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind((listen, port)).is_ok() {
+            return port;
+        }
+    }
 }
 
-fn wait_udp(listen: &str, port: u16) {
+/// Starts dnsmasq on a free port of `listen` in the current namespace (used by the in-process
+/// tests); another process can take the port between the check and dnsmasq's bind, so a
+/// dnsmasq that does not come up is retried on another port.
+pub fn dnsmasq_local(listen: &str) -> (Child, u16) {
+    for _ in 0..5 {
+        let port = free_port(listen);
+        let mut child = Command::new("dnsmasq")
+            .args(dnsmasq_args(listen, port))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq (scripts/setup.sh installs it)");
+        if wait_udp(listen, port, &mut child) {
+            return (child, port);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("dnsmasq did not come up on {listen} after 5 ports");
+}
+
+fn wait_udp(listen: &str, port: u16, child: &mut Child) -> bool {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
+        if child.try_wait().ok().flatten().is_some() {
+            return false;
+        }
         let out = run(Command::new("dig").args([
             "+short",
             "+tries=1",
@@ -115,11 +138,11 @@ fn wait_udp(listen: &str, port: u16) {
             "allowed.test",
         ]));
         if String::from_utf8_lossy(&out.stdout).contains("198.51.100.10") {
-            return;
+            return true;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("dnsmasq on {listen}:{port} did not come up");
+    false
 }
 
 impl Lab {
@@ -428,8 +451,4 @@ impl Drop for Lab {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-pub fn path_str(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
