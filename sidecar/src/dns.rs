@@ -244,6 +244,8 @@ impl Proxy {
             metrics::CACHE_HITS.inc();
             metrics::QUERIES.with_label_values(&["allowed"]).inc();
             hit.metadata.id = message.metadata.id;
+            // The client's own spelling of the question (case may differ from the first asker).
+            hit.queries = message.queries.clone();
             return Some(self.fit(hit, tcp, max_udp, query));
         }
 

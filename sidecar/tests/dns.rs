@@ -270,6 +270,11 @@ async fn answers_are_served_from_the_cache_within_their_ttl() {
         cached.metadata.id, 99,
         "the cached answer carries the new id"
     );
+    assert_eq!(
+        cached.queries[0].name().to_ascii(),
+        "ALLOWED.test.",
+        "and the new question's spelling"
+    );
     assert_eq!(cached.answers.len(), 1);
     assert!(cached.answers[0].ttl <= 300);
     // A name never asked is not in the cache: SERVFAIL without the upstream.
