@@ -171,8 +171,8 @@ enum Inspected {
         changed: bool,
         addrs: Vec<(IpAddr, u32)>,
     },
-    /// A name in the CNAME chain is denied by a rule.
-    Denied(String),
+    /// A name in the CNAME chain is denied by a rule (which layer).
+    Denied(String, Source),
 }
 
 impl Proxy {
@@ -270,8 +270,8 @@ impl Proxy {
             }
         };
         let (message_out, changed, addrs) = match self.inspect(&name, reply) {
-            Inspected::Denied(denied) => {
-                return Some(self.deny(&message, query, &name, &denied, Source::Policy));
+            Inspected::Denied(denied, source) => {
+                return Some(self.deny(&message, query, &name, &denied, source));
             }
             Inspected::Pass {
                 message,
@@ -479,7 +479,7 @@ impl Proxy {
             // only to rules that deny them by name.
             let (action, source) = engine.name(link);
             if action == Action::Deny && source != Source::Default {
-                return Inspected::Denied(link.clone());
+                return Inspected::Denied(link.clone(), source);
             }
         }
         let mut addrs = Vec::new();
