@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,8 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 const UDP_INFLIGHT: usize = 1024;
 /// Idle upstream sockets kept per upstream.
 const POOL_PER_UPSTREAM: usize = 64;
+/// How often upstreams that stopped answering are probed.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Name, type, class, DNSSEC OK, checking disabled.
 type CacheKey = (String, u16, u16, bool, bool);
@@ -48,6 +51,10 @@ pub struct Proxy {
     /// Idle connected sockets per upstream. A socket goes back only after a clean exchange,
     /// so no late answer to an abandoned query can be waiting on it.
     pools: Vec<Mutex<Vec<UdpSocket>>>,
+    /// Per upstream: it timed out or failed on its last attempt and has not answered since.
+    down: Vec<AtomicBool>,
+    /// The probe task runs once per proxy, however many listeners serve it.
+    probing: AtomicBool,
     timeout: Duration,
     cache: Mutex<HashMap<CacheKey, Cached>>,
 }
@@ -177,9 +184,16 @@ enum Inspected {
 
 impl Proxy {
     pub fn new(state: Arc<State>, upstreams: Vec<SocketAddr>, timeout: Duration) -> Proxy {
+        for upstream in &upstreams {
+            metrics::UPSTREAM_UP
+                .with_label_values(&[upstream.to_string().as_str()])
+                .set(1);
+        }
         Proxy {
             state,
             pools: upstreams.iter().map(|_| Mutex::new(Vec::new())).collect(),
+            down: upstreams.iter().map(|_| AtomicBool::new(false)).collect(),
+            probing: AtomicBool::new(false),
             upstreams,
             timeout,
             cache: Mutex::new(HashMap::new()),
@@ -389,8 +403,33 @@ impl Proxy {
     }
 
     /// Tries the upstreams in order; `None` when none gave a usable answer.
+    /// Upstream indices to try: those answering first (configured order), then those that
+    /// stopped answering (they are still tried when nothing else works).
+    fn order(&self) -> Vec<usize> {
+        let (up, down): (Vec<usize>, Vec<usize>) =
+            (0..self.upstreams.len()).partition(|&i| !self.down[i].load(Ordering::Relaxed));
+        up.into_iter().chain(down).collect()
+    }
+
+    fn mark(&self, index: usize, down: bool) {
+        let was = self.down[index].swap(down, Ordering::Relaxed);
+        if was != down {
+            let upstream = self.upstreams[index];
+            if down {
+                tracing::warn!(upstream = %upstream, "DNS upstream not answering; asked last until it answers again");
+            } else {
+                tracing::info!(upstream = %upstream, "DNS upstream answering again");
+            }
+            metrics::UPSTREAM_UP
+                .with_label_values(&[upstream.to_string().as_str()])
+                .set(i64::from(!down));
+        }
+    }
+
+    /// Tries the upstreams; `None` when none gave a usable answer.
     async fn forward(&self, query: &[u8], tcp: bool, max_udp: usize) -> Option<Vec<u8>> {
-        for (index, &upstream) in self.upstreams.iter().enumerate() {
+        for index in self.order() {
+            let upstream = self.upstreams[index];
             let started = Instant::now();
             let attempt = async {
                 if tcp {
@@ -406,13 +445,23 @@ impl Proxy {
             let result = tokio::time::timeout(self.timeout, attempt).await;
             metrics::UPSTREAM_LATENCY.observe(started.elapsed().as_secs_f64());
             let failure = match result {
-                Ok(Ok(reply)) => match reply[3] & 0x0f {
-                    // NOERROR and NXDOMAIN are answers; SERVFAIL, REFUSED … mean ask elsewhere.
-                    0 | 3 => return Some(reply),
-                    rcode => format!("answered rcode {rcode}"),
-                },
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer within {:?}", self.timeout),
+                Ok(Ok(reply)) => {
+                    self.mark(index, false);
+                    match reply[3] & 0x0f {
+                        // NOERROR and NXDOMAIN are answers; SERVFAIL, REFUSED … mean ask
+                        // elsewhere (the upstream itself is up).
+                        0 | 3 => return Some(reply),
+                        rcode => format!("answered rcode {rcode}"),
+                    }
+                }
+                Ok(Err(e)) => {
+                    self.mark(index, true);
+                    e.to_string()
+                }
+                Err(_) => {
+                    self.mark(index, true);
+                    format!("no answer within {:?}", self.timeout)
+                }
             };
             let label = upstream.to_string();
             metrics::UPSTREAM_FAILURES
@@ -421,6 +470,46 @@ impl Proxy {
             tracing::warn!(upstream = %upstream, failure, "DNS upstream failed; trying the next");
         }
         None
+    }
+
+    /// Asks every upstream marked down for `. IN NS` every few seconds; any answer brings it
+    /// back to the front. Runs until the process ends.
+    pub async fn probe(self: Arc<Self>) {
+        let mut probe = Message::query();
+        probe.metadata.recursion_desired = true;
+        probe.add_query(hickory_proto::op::Query::query(
+            hickory_proto::rr::Name::root(),
+            RecordType::NS,
+        ));
+        let mut id: u16 = 0;
+        loop {
+            tokio::time::sleep(PROBE_INTERVAL).await;
+            for index in 0..self.upstreams.len() {
+                if !self.down[index].load(Ordering::Relaxed) {
+                    continue;
+                }
+                id = id.wrapping_add(1);
+                probe.metadata.id = id;
+                let Ok(bytes) = probe.to_vec() else { continue };
+                let upstream = self.upstreams[index];
+                let answered =
+                    tokio::time::timeout(self.timeout.min(Duration::from_secs(2)), async {
+                        let socket = udp_socket(upstream).await?;
+                        socket.send(&bytes).await?;
+                        let mut buf = vec![0u8; 4096];
+                        loop {
+                            let n = socket.recv(&mut buf).await?;
+                            if answers(&bytes, &buf[..n]) {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                        }
+                    })
+                    .await;
+                if matches!(answered, Ok(Ok(()))) {
+                    self.mark(index, false);
+                }
+            }
+        }
     }
 
     async fn udp_exchange(
@@ -530,6 +619,9 @@ fn source_str(source: Source) -> &'static str {
 
 /// Serves UDP and TCP on `addr` until the process ends.
 pub async fn serve(proxy: Arc<Proxy>, addr: SocketAddr) -> std::io::Result<()> {
+    if !proxy.probing.swap(true, Ordering::Relaxed) {
+        tokio::spawn(proxy.clone().probe());
+    }
     let udp = Arc::new(UdpSocket::bind(addr).await?);
     let tcp = TcpListener::bind(addr).await?;
     tokio::spawn(serve_udp(proxy.clone(), udp));

@@ -3,8 +3,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
@@ -82,6 +82,19 @@ pub static UPSTREAM_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+pub static UPSTREAM_UP: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register(
+        IntGaugeVec::new(
+            Opts::new(
+                "egress_dns_upstream_up",
+                "1 while the upstream answers, 0 after a timeout or error until a probe or query gets an answer.",
+            ),
+            &["upstream"],
+        )
+        .unwrap_or_else(|e| panic!("{e}")),
+    )
+});
+
 pub static NFT_UPDATES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "egress_nft_updates_total",
@@ -136,6 +149,7 @@ pub fn init() {
     LazyLock::force(&UPSTREAM_LATENCY);
     LazyLock::force(&QUERY_LATENCY);
     LazyLock::force(&UPSTREAM_FAILURES);
+    LazyLock::force(&UPSTREAM_UP);
     LazyLock::force(&NFT_UPDATES);
     LazyLock::force(&LEARNED);
     LazyLock::force(&RULES);

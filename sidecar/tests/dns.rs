@@ -233,6 +233,16 @@ async fn a_silent_upstream_gives_servfail_within_the_timeout_and_failover_answer
         "second upstream answers"
     );
     assert_eq!(reply.answers.len(), 1);
+    // The silent one is now asked last: the next query does not wait for it.
+    let started = Instant::now();
+    // (AAAA: not in the cache yet, so it goes upstream.)
+    let reply = ask(s.proxy, &query("allowed.test.", RecordType::AAAA, None)).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "a known-silent upstream must not delay every query: {:?}",
+        started.elapsed()
+    );
     drop(silent);
 }
 
