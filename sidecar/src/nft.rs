@@ -526,6 +526,9 @@ async fn writer(mut rx: mpsc::Receiver<Job>, learned: LearnedMap) {
         }
         // Static changes: only the newest matters, every caller gets its outcome.
         if let Some((spec, engine, _)) = statics.last() {
+            // The first apply replaces any existing table, learned addresses included: they may
+            // come from a policy no longer in force (a restart reverts API changes that were not
+            // persisted), so a restarted sidecar starts closed and relearns from answers.
             let mut script = static_script(spec, !taken_over);
             let mut kept = HashMap::new();
             {

@@ -408,3 +408,31 @@ fn bad_configuration_starts_deny_all_or_fails_clearly() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("NET_ADMIN"), "{text}");
 }
+
+#[test]
+fn takes_over_a_table_left_by_another_sidecar_and_starts_closed() {
+    let mut lab = Lab::new();
+    // A table of the same name but another shape, open by default, with a stale learned entry.
+    lab.nft(
+        "add table inet opensandbox
+         add set inet opensandbox dyn_allow_v4 { type ipv4_addr; timeout 360s; }
+         add element inet opensandbox dyn_allow_v4 { 198.51.100.20 }
+         add chain inet opensandbox egress { type filter hook output priority 0; policy accept; }
+         add rule inet opensandbox egress ip daddr @dyn_allow_v4 accept
+         add chain inet opensandbox legacy { type filter hook output priority 10; policy accept; }",
+    );
+    assert!(lab.http(BLOCKED_IP));
+    lab.start_sidecar(&[
+        ("OPENSANDBOX_EGRESS_MODE", "dns+nft"),
+        ("OPENSANDBOX_EGRESS_RULES", ALLOW_ALLOWED),
+    ]);
+    assert!(
+        !lab.http(BLOCKED_IP),
+        "stale entry of the old table must not survive"
+    );
+    let ruleset = lab.nft_ruleset();
+    assert!(!ruleset.contains("legacy"), "old chains removed: {ruleset}");
+    assert_eq!(ruleset.matches("table inet opensandbox").count(), 1);
+    assert_eq!(lab.dig("allowed.test", &[]).0, "NOERROR");
+    assert!(lab.http(ALLOWED_IP));
+}

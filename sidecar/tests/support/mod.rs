@@ -424,6 +424,24 @@ impl Lab {
         std::fs::rename(tmp, path).unwrap();
     }
 
+    /// Runs an nft script in the sandbox namespace.
+    pub fn nft(&self, script: &str) {
+        use std::io::Write;
+        let mut child = self
+            .in_sandbox("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "nft script failed");
+    }
+
     pub fn nft_ruleset(&self) -> String {
         let out = run(self.in_sandbox("nft").args(["list", "ruleset"]));
         String::from_utf8_lossy(&out.stdout).into_owned()
