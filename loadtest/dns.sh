@@ -60,6 +60,7 @@ ip netns exec "$sb" env \
   OPENSANDBOX_EGRESS_HTTP_ADDR=127.0.0.1:18080 \
   OPENSANDBOX_EGRESS_LOG_LEVEL=warn \
   target/release/egress-sidecar >"$work/sidecar.log" 2>&1 &
+sidecar_pid=$!   # ip netns exec execs the sidecar: same process
 for _ in $(seq 100); do
   if ip netns exec "$sb" curl -s -m 1 http://127.0.0.1:18080/healthz 2>/dev/null | grep -q ok; then break; fi
   sleep 0.1
@@ -79,5 +80,8 @@ out="loadtest/results/$(date +%F)-$commit-dns.md"
   learned=$(ip netns exec "$sb" curl -s http://127.0.0.1:18080/metrics | grep -E '^egress_nft_updates_total' || true)
   echo "nftables transactions during the run (learned addresses are batched per transaction):"
   echo "$learned" | sed 's/^/    /'
+  rss_kib=$(ps -o rss= -p "$sidecar_pid" | tr -d ' ')
+  addrs=$(ip netns exec "$sb" curl -s http://127.0.0.1:18080/metrics | awk '/^egress_nft_learned_addresses/ {print $2}')
+  echo "sidecar RSS after the run: $((rss_kib / 1024)) MiB, with $addrs learned addresses tracked"
 } | tee "$out"
 echo "written to $out"
