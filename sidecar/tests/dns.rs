@@ -291,3 +291,85 @@ async fn answers_are_served_from_the_cache_within_their_ttl() {
     let other = ask(s.proxy, &query("allowed.test.", RecordType::AAAA, None)).await;
     assert_eq!(other.metadata.response_code, ResponseCode::ServFail);
 }
+
+/// A proxy (not listening) with `policy` whose only upstream refuses connections at once.
+async fn bare_proxy(policy: &str) -> Proxy {
+    let closed = free_port();
+    let vars = [
+        ("OPENSANDBOX_EGRESS_RULES", policy.to_owned()),
+        (
+            "OPENSANDBOX_EGRESS_DNS_UPSTREAM",
+            format!("127.0.0.1:{closed}"),
+        ),
+        ("OPENSANDBOX_EGRESS_DNS_UPSTREAM_TIMEOUT", "1".to_owned()),
+    ];
+    let config = Config::from_lookup(
+        |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()),
+        "",
+    )
+    .unwrap();
+    let state = State::start(&config, Default::default(), None)
+        .await
+        .unwrap();
+    Proxy::new(state, config.upstreams.clone(), config.upstream_timeout)
+}
+
+/// xorshift64: reproducible pseudo-random bytes without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[tokio::test]
+async fn random_and_mutated_packets_never_crash_the_proxy() {
+    let deny = bare_proxy(r#"{"defaultAction":"deny"}"#).await;
+    let allow = bare_proxy(r#"{"defaultAction":"allow"}"#).await;
+    let valid = query("a.b.example.test.", RecordType::A, Some(1232))
+        .to_vec()
+        .unwrap();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut answered = 0;
+    // Allowed queries that reached the (refusing) upstream and came back SERVFAIL.
+    let mut forwarded = 0;
+    for case in 0..3000 {
+        let packet: Vec<u8> = if case % 2 == 0 {
+            let len = (rng.next() % 300) as usize;
+            (0..len).map(|_| rng.next() as u8).collect()
+        } else {
+            let mut p = valid.clone();
+            for _ in 0..1 + rng.next() % 4 {
+                let at = (rng.next() as usize) % p.len();
+                p[at] = rng.next() as u8;
+            }
+            if rng.next() % 3 == 0 {
+                p.truncate((rng.next() as usize) % p.len());
+            }
+            p
+        };
+        for (proxy, tcp) in [(&deny, false), (&allow, case % 4 == 1)] {
+            if let Some(reply) = proxy.answer(&packet, tcp).await {
+                assert!(
+                    reply.len() >= 12,
+                    "case {case}: reply shorter than a header"
+                );
+                assert_eq!(reply[..2], packet[..2], "case {case}: reply to another id");
+                assert!(
+                    reply[2] & 0x80 != 0,
+                    "case {case}: reply not flagged as response"
+                );
+                answered += 1;
+                if !std::ptr::eq(proxy, &deny) && reply[3] & 0x0f == 2 {
+                    forwarded += 1;
+                }
+            }
+        }
+    }
+    assert!(answered > 1000, "most packets get an answer: {answered}");
+    assert!(forwarded > 100, "the forwarding path ran: {forwarded}");
+}
