@@ -338,7 +338,7 @@ async fn random_and_mutated_packets_never_crash_the_proxy() {
     // Allowed queries that reached the (refusing) upstream and came back SERVFAIL.
     let mut forwarded = 0;
     for case in 0..3000 {
-        let packet: Vec<u8> = if case % 2 == 0 {
+        let packet: Vec<u8> = if case.is_multiple_of(2) {
             let len = (rng.next() % 300) as usize;
             (0..len).map(|_| rng.next() as u8).collect()
         } else {
@@ -347,7 +347,7 @@ async fn random_and_mutated_packets_never_crash_the_proxy() {
                 let at = (rng.next() as usize) % p.len();
                 p[at] = rng.next() as u8;
             }
-            if rng.next() % 3 == 0 {
+            if rng.next().is_multiple_of(3) {
                 p.truncate((rng.next() as usize) % p.len());
             }
             p
