@@ -337,7 +337,7 @@ async fn random_and_mutated_packets_never_crash_the_proxy() {
     let mut answered = 0;
     // Allowed queries that reached the (refusing) upstream and came back SERVFAIL.
     let mut forwarded = 0;
-    for case in 0..3000 {
+    for case in 0..3000u32 {
         let packet: Vec<u8> = if case.is_multiple_of(2) {
             let len = (rng.next() % 300) as usize;
             (0..len).map(|_| rng.next() as u8).collect()
