@@ -44,27 +44,7 @@ async fn setup(policy: &str, upstreams: &[String], timeout_secs: u64) -> Setup {
             }
         })
         .collect();
-    let vars = [
-        ("OPENSANDBOX_EGRESS_RULES", policy.to_owned()),
-        ("OPENSANDBOX_EGRESS_DNS_UPSTREAM", upstreams.join(",")),
-        (
-            "OPENSANDBOX_EGRESS_DNS_UPSTREAM_TIMEOUT",
-            timeout_secs.to_string(),
-        ),
-    ];
-    let config = Config::from_lookup(
-        |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()),
-        "",
-    )
-    .unwrap();
-    let state = State::start(&config, Default::default(), None)
-        .await
-        .unwrap();
-    let proxy = Arc::new(Proxy::new(
-        state,
-        config.upstreams.clone(),
-        config.upstream_timeout,
-    ));
+    let proxy = Arc::new(proxy(policy, &upstreams.join(","), timeout_secs).await);
     // The port can be taken between the check and the bind (TCP and UDP both): retry.
     let mut addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
     for attempt in 0..5 {
@@ -292,16 +272,15 @@ async fn answers_are_served_from_the_cache_within_their_ttl() {
     assert_eq!(other.metadata.response_code, ResponseCode::ServFail);
 }
 
-/// A proxy (not listening) with `policy` whose only upstream refuses connections at once.
-async fn bare_proxy(policy: &str) -> Proxy {
-    let closed = free_port();
+/// A proxy (not listening) with `policy` and `upstreams` (comma-separated).
+async fn proxy(policy: &str, upstreams: &str, timeout_secs: u64) -> Proxy {
     let vars = [
         ("OPENSANDBOX_EGRESS_RULES", policy.to_owned()),
+        ("OPENSANDBOX_EGRESS_DNS_UPSTREAM", upstreams.to_owned()),
         (
-            "OPENSANDBOX_EGRESS_DNS_UPSTREAM",
-            format!("127.0.0.1:{closed}"),
+            "OPENSANDBOX_EGRESS_DNS_UPSTREAM_TIMEOUT",
+            timeout_secs.to_string(),
         ),
-        ("OPENSANDBOX_EGRESS_DNS_UPSTREAM_TIMEOUT", "1".to_owned()),
     ];
     let config = Config::from_lookup(
         |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()),
@@ -312,6 +291,11 @@ async fn bare_proxy(policy: &str) -> Proxy {
         .await
         .unwrap();
     Proxy::new(state, config.upstreams.clone(), config.upstream_timeout)
+}
+
+/// A proxy (not listening) with `policy` whose only upstream refuses connections at once.
+async fn bare_proxy(policy: &str) -> Proxy {
+    proxy(policy, &format!("127.0.0.1:{}", free_port()), 1).await
 }
 
 /// xorshift64: reproducible pseudo-random bytes without a dependency.
