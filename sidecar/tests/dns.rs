@@ -25,7 +25,17 @@ fn free_port() -> u16 {
 
 struct Setup {
     proxy: SocketAddr,
-    _dnsmasq: Option<std::process::Child>,
+    dnsmasq: Option<std::process::Child>,
+}
+
+impl Drop for Setup {
+    /// A dropped `Child` keeps running: stop dnsmasq with the test.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.dnsmasq.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// A proxy on loopback with `policy`, asking `upstreams` (`"dnsmasq"` is replaced by a fresh
@@ -57,7 +67,7 @@ async fn setup(policy: &str, upstreams: &[String], timeout_secs: u64) -> Setup {
     }
     Setup {
         proxy: addr,
-        _dnsmasq: dnsmasq,
+        dnsmasq,
     }
 }
 
@@ -250,7 +260,7 @@ async fn answers_are_served_from_the_cache_within_their_ttl() {
     let first = ask(s.proxy, &query("allowed.test.", RecordType::A, None)).await;
     assert_eq!(first.answers.len(), 1);
     // Take the upstream away: the second answer can only come from the cache.
-    let mut dnsmasq = s._dnsmasq.take().unwrap();
+    let mut dnsmasq = s.dnsmasq.take().unwrap();
     dnsmasq.kill().unwrap();
     dnsmasq.wait().unwrap();
     let mut again = query("ALLOWED.test.", RecordType::A, None);
