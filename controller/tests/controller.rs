@@ -103,6 +103,23 @@ impl Env {
         Api::namespaced(self.plane.client.clone(), &self.ns)
     }
 
+    /// Whether namespace `ns` holds an event with `reason`.
+    fn has_event(&self, ns: &str, reason: &str) -> bool {
+        let events = self
+            .block(
+                Api::<k8s_openapi::api::events::v1::Event>::namespaced(
+                    self.plane.client.clone(),
+                    ns,
+                )
+                .list(&Default::default()),
+            )
+            .unwrap();
+        events
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some(reason))
+    }
+
     fn block<F: std::future::Future>(&self, f: F) -> F::Output {
         self.plane.runtime.block_on(f)
     }
@@ -282,18 +299,7 @@ fn end_to_end_controller_to_gateway() {
         seen.insert(host.as_str().unwrap().to_owned());
     }
     assert!(seen.contains(&format!("{ip3}:{port}")), "{seen:?}");
-    let events = env
-        .block(
-            Api::<k8s_openapi::api::events::v1::Event>::namespaced(env.plane.client.clone(), "e2e")
-                .list(&Default::default()),
-        )
-        .unwrap();
-    assert!(
-        events
-            .items
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("SuccessfulCreate"))
-    );
+    assert!(env.has_event("e2e", "SuccessfulCreate"));
 }
 
 #[test]
@@ -387,17 +393,8 @@ fn bad_templates_and_policies_fail_clearly() {
         .clone();
     assert_eq!(c["reason"], "FailedCreate");
     assert!(c["message"].as_str().unwrap().contains("image"), "{c}");
-    let events = env
-        .block(
-            Api::<k8s_openapi::api::events::v1::Event>::namespaced(env.plane.client.clone(), "bad")
-                .list(&Default::default()),
-        )
-        .unwrap();
     assert!(
-        events
-            .items
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("FailedCreate")),
+        env.has_event("bad", "FailedCreate"),
         "no FailedCreate event"
     );
     let reconciles = |c: &Controller| {

@@ -30,6 +30,16 @@ pub enum AlwaysError {
     Read { path: String, error: std::io::Error },
 }
 
+impl AlwaysError {
+    /// Whether the error is about `deny.always`.
+    pub fn is_deny_file(&self) -> bool {
+        let path = match self {
+            AlwaysError::Line { path, .. } | AlwaysError::Read { path, .. } => path,
+        };
+        Path::new(path).file_name() == Some(std::ffi::OsStr::new(DENY_FILE))
+    }
+}
+
 /// Parses one file's text.
 pub fn parse(path: &Path, text: &str) -> Result<Vec<String>, AlwaysError> {
     let mut targets = Vec::new();

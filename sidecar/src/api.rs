@@ -46,6 +46,18 @@ fn text(code: StatusCode, body: &str) -> Reply {
     r
 }
 
+/// A non-empty JSON array body (PATCH, DELETE); the error is the 400 text, `what` its prefix.
+fn json_array<T: serde::de::DeserializeOwned>(body: &str, what: &str) -> Result<Vec<T>, String> {
+    if body.is_empty() {
+        return Err("empty body".into());
+    }
+    match serde_json::from_str::<Option<Vec<T>>>(body) {
+        Ok(Some(items)) if !items.is_empty() => Ok(items),
+        Ok(_) => Err(format!("{what}: empty array")),
+        Err(e) => Err(format!("{what}: {e}")),
+    }
+}
+
 /// The JSON answer of the policy routes, keys in the reference's order.
 #[derive(serde::Serialize)]
 struct Status<'a> {
@@ -215,33 +227,17 @@ impl Api {
 
     /// PATCH: an array of rules merged in front of the current ones.
     async fn patch(&self, body: &str) -> Reply {
-        if body.is_empty() {
-            return text(StatusCode::BAD_REQUEST, "empty body");
-        }
-        let rules: Option<Vec<Rule>> = match serde_json::from_str(body) {
+        let rules: Vec<Rule> = match json_array(body, "invalid patch rules") {
             Ok(r) => r,
-            Err(e) => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    &format!("invalid patch rules: {e}"),
-                );
-            }
+            Err(why) => return text(StatusCode::BAD_REQUEST, &why),
         };
-        let rules = rules.unwrap_or_default();
-        if rules.is_empty() {
-            return text(StatusCode::BAD_REQUEST, "invalid patch rules: empty array");
-        }
         let merged = state::merge(&self.state.policy().await, &rules);
-        let text_policy = serde_json::to_string(&merged).unwrap_or_default();
-        let merged = match policy::parse(&text_policy) {
-            Ok(p) => p,
-            Err(e) => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    &format!("invalid merged policy: {e}"),
-                );
-            }
-        };
+        if let Err(e) = policy::validate(&merged) {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("invalid merged policy: {e}"),
+            );
+        }
         if let Some(r) = self.too_many(merged.egress.len()) {
             return r;
         }
@@ -250,25 +246,10 @@ impl Api {
 
     /// DELETE: an array of targets to remove.
     async fn delete(&self, body: &str) -> Reply {
-        if body.is_empty() {
-            return text(StatusCode::BAD_REQUEST, "empty body");
-        }
-        let targets: Option<Vec<String>> = match serde_json::from_str(body) {
+        let targets: Vec<String> = match json_array(body, "invalid delete targets") {
             Ok(t) => t,
-            Err(e) => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    &format!("invalid delete targets: {e}"),
-                );
-            }
+            Err(why) => return text(StatusCode::BAD_REQUEST, &why),
         };
-        let targets = targets.unwrap_or_default();
-        if targets.is_empty() {
-            return text(
-                StatusCode::BAD_REQUEST,
-                "invalid delete targets: empty array",
-            );
-        }
         let mut policy = self.state.policy().await;
         if state::remove(&mut policy, &targets) == 0 {
             return json_reply(&self.status(&policy, Some("no matching targets found")));

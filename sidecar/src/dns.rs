@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::SOCKET_MARK;
 use crate::engine::{Source, canonical};
-use crate::metrics;
+use crate::metrics::{self, Verdict};
 use crate::nft::is_special;
 use crate::state::State;
 
@@ -77,6 +77,16 @@ fn reply_to(query: &Message, rcode: ResponseCode) -> Message {
     reply.metadata.response_code = rcode;
     reply.queries = query.queries.clone();
     reply
+}
+
+/// Counts `verdict` and answers `query` with `rcode`, question echoed.
+fn refuse(message: &Message, query: &[u8], rcode: ResponseCode, verdict: Verdict) -> Vec<u8> {
+    metrics::query(verdict);
+    encode(&reply_to(message, rcode), query, rcode)
+}
+
+fn servfail(message: &Message, query: &[u8]) -> Vec<u8> {
+    refuse(message, query, ResponseCode::ServFail, Verdict::Servfail)
 }
 
 fn encode(message: &Message, fallback_query: &[u8], rcode_on_error: ResponseCode) -> Vec<u8> {
@@ -217,7 +227,7 @@ impl Proxy {
         let message = match Message::from_vec(query) {
             Ok(m) => m,
             Err(_) => {
-                metrics::QUERIES.with_label_values(&["formerr"]).inc();
+                metrics::query(Verdict::Formerr);
                 return Some(header_reply(query, ResponseCode::FormErr));
             }
         };
@@ -225,15 +235,15 @@ impl Proxy {
             return None;
         }
         if message.metadata.op_code != OpCode::Query {
-            metrics::QUERIES.with_label_values(&["notimp"]).inc();
+            metrics::query(Verdict::Notimp);
             return Some(header_reply(query, ResponseCode::NotImp));
         }
         if message.queries.len() != 1 {
-            metrics::QUERIES.with_label_values(&["formerr"]).inc();
-            return Some(encode(
-                &reply_to(&message, ResponseCode::FormErr),
+            return Some(refuse(
+                &message,
                 query,
                 ResponseCode::FormErr,
+                Verdict::Formerr,
             ));
         }
         let question = &message.queries[0];
@@ -256,7 +266,7 @@ impl Proxy {
         let generation = self.state.generation();
         if let Some(mut hit) = self.cached(&key, generation) {
             metrics::CACHE_HITS.inc();
-            metrics::QUERIES.with_label_values(&["allowed"]).inc();
+            metrics::query(Verdict::Allowed);
             hit.metadata.id = message.metadata.id;
             // The client's own spelling of the question (case may differ from the first asker).
             hit.queries = message.queries.clone();
@@ -264,23 +274,13 @@ impl Proxy {
         }
 
         let Some(raw) = self.forward(query, tcp, max_udp).await else {
-            metrics::QUERIES.with_label_values(&["servfail"]).inc();
-            return Some(encode(
-                &reply_to(&message, ResponseCode::ServFail),
-                query,
-                ResponseCode::ServFail,
-            ));
+            return Some(servfail(&message, query));
         };
         let reply = match Message::from_vec(&raw) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, name, "upstream answer does not parse; SERVFAIL");
-                metrics::QUERIES.with_label_values(&["servfail"]).inc();
-                return Some(encode(
-                    &reply_to(&message, ResponseCode::ServFail),
-                    query,
-                    ResponseCode::ServFail,
-                ));
+                return Some(servfail(&message, query));
             }
         };
         let (message_out, changed, addrs) = match self.inspect(&name, reply) {
@@ -297,14 +297,9 @@ impl Proxy {
             && let Err(e) = nft.learn(name.clone(), addrs).await
         {
             tracing::error!(error = %e, name, "could not admit the answer's addresses; SERVFAIL");
-            metrics::QUERIES.with_label_values(&["servfail"]).inc();
-            return Some(encode(
-                &reply_to(&message, ResponseCode::ServFail),
-                query,
-                ResponseCode::ServFail,
-            ));
+            return Some(servfail(&message, query));
         }
-        metrics::QUERIES.with_label_values(&["allowed"]).inc();
+        metrics::query(Verdict::Allowed);
         let rcode = message_out.metadata.response_code;
         if matches!(rcode, ResponseCode::NoError | ResponseCode::NXDomain)
             && !message_out.metadata.truncation
@@ -336,7 +331,6 @@ impl Proxy {
         matched: &str,
         source: Source,
     ) -> Vec<u8> {
-        metrics::QUERIES.with_label_values(&["denied"]).inc();
         tracing::info!(
             target: "audit",
             event = "dns.denied",
@@ -345,11 +339,7 @@ impl Proxy {
             by = source_str(source),
             "egress name denied"
         );
-        encode(
-            &reply_to(message, ResponseCode::NXDomain),
-            query,
-            ResponseCode::NXDomain,
-        )
+        refuse(message, query, ResponseCode::NXDomain, Verdict::Denied)
     }
 
     fn cached(&self, key: &CacheKey, generation: u64) -> Option<Message> {

@@ -73,7 +73,7 @@ async fn run(config: Config) -> Result<(), String> {
     let (mut watcher, errors) = Watcher::new(&config.rules_dir);
     for e in errors {
         // Without its deny rules the sidecar would let through what the operator forbade.
-        if e.to_string().contains(sidecar::always::DENY_FILE) {
+        if e.is_deny_file() {
             return Err(format!("{e}; refusing to start without the deny rules"));
         }
         tracing::error!(error = %e, "always-rule file ignored");

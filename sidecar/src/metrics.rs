@@ -37,6 +37,45 @@ pub static QUERIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// The verdict label of `egress_dns_queries_total`.
+#[derive(Debug, Clone, Copy)]
+pub enum Verdict {
+    Allowed,
+    Denied,
+    Servfail,
+    Formerr,
+    Notimp,
+}
+
+impl Verdict {
+    const ALL: [Verdict; 5] = [
+        Verdict::Allowed,
+        Verdict::Denied,
+        Verdict::Servfail,
+        Verdict::Formerr,
+        Verdict::Notimp,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Verdict::Allowed => "allowed",
+            Verdict::Denied => "denied",
+            Verdict::Servfail => "servfail",
+            Verdict::Formerr => "formerr",
+            Verdict::Notimp => "notimp",
+        }
+    }
+}
+
+/// The per-verdict counters, resolved once instead of by label on every query.
+static VERDICTS: LazyLock<[IntCounter; 5]> =
+    LazyLock::new(|| Verdict::ALL.map(|v| QUERIES.with_label_values(&[v.label()])));
+
+/// Counts one answered query.
+pub fn query(verdict: Verdict) {
+    VERDICTS[verdict as usize].inc();
+}
+
 pub static CACHE_HITS: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(
         "egress_dns_cache_hits_total",
@@ -141,10 +180,7 @@ pub fn nft_update(kind: &str, ok: bool) {
 
 /// Registers every metric, so all appear from the first scrape.
 pub fn init() {
-    LazyLock::force(&QUERIES);
-    for verdict in ["allowed", "denied", "servfail", "formerr", "notimp"] {
-        QUERIES.with_label_values(&[verdict]);
-    }
+    LazyLock::force(&VERDICTS);
     LazyLock::force(&CACHE_HITS);
     LazyLock::force(&UPSTREAM_LATENCY);
     LazyLock::force(&QUERY_LATENCY);

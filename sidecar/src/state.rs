@@ -236,20 +236,15 @@ impl State {
             inner.policy = old;
             return Err(CommitError::Persist(e));
         }
-        let engine = Arc::new(Engine::new(
-            &inner.policy,
-            &inner.always.deny,
-            &inner.always.allow,
-        ));
+        let engine = inner.engine();
         if let Err(e) = self.apply_nft(&inner, engine.clone()).await {
             // Nothing changed in the kernel: put the old policy back, on disk too.
-            let new = std::mem::replace(&mut inner.policy, old);
+            inner.policy = old;
             if let Some(path) = &self.policy_file
                 && let Err(pe) = persist(path, &inner.policy)
             {
                 tracing::error!(error = %pe, "could not restore the policy file after an nftables failure");
             }
-            drop(new);
             return Err(e.into());
         }
         self.swap(engine, &inner);
@@ -268,11 +263,7 @@ impl State {
     pub async fn set_always(&self, always: AlwaysRules) -> Result<(), NftError> {
         let mut inner = self.inner.lock().await;
         let old = std::mem::replace(&mut inner.always, always);
-        let engine = Arc::new(Engine::new(
-            &inner.policy,
-            &inner.always.deny,
-            &inner.always.allow,
-        ));
+        let engine = inner.engine();
         if let Err(e) = self.apply_nft(&inner, engine.clone()).await {
             inner.always = old;
             return Err(e);
@@ -308,6 +299,17 @@ impl State {
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         metrics::RULES.set(rule_count(inner) as i64);
+    }
+}
+
+impl Inner {
+    /// The evaluator for the user policy and the always files as they are now.
+    fn engine(&self) -> Arc<Engine> {
+        Arc::new(Engine::new(
+            &self.policy,
+            &self.always.deny,
+            &self.always.allow,
+        ))
     }
 }
 

@@ -62,6 +62,12 @@ pub enum PolicyError {
 pub fn parse(text: &str) -> Result<Policy, PolicyError> {
     let policy: Policy =
         serde_json::from_str(text).map_err(|e| PolicyError::Json(e.to_string()))?;
+    validate(&policy)?;
+    Ok(policy)
+}
+
+/// Checks every rule's target (a policy built in memory, e.g. by merging rules).
+pub fn validate(policy: &Policy) -> Result<(), PolicyError> {
     for (index, rule) in policy.egress.iter().enumerate() {
         validate_target(&rule.target).map_err(|reason| PolicyError::Target {
             index,
@@ -69,7 +75,7 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
             reason,
         })?;
     }
-    Ok(policy)
+    Ok(())
 }
 
 pub fn validate_target(target: &str) -> Result<(), &'static str> {
