@@ -530,36 +530,30 @@ async fn writer(mut rx: mpsc::Receiver<Job>, learned: LearnedMap) {
             // come from a policy no longer in force (a restart reverts API changes that were not
             // persisted), so a restarted sidecar starts closed and relearns from answers.
             let mut script = static_script(spec, !taken_over);
-            let mut kept = HashMap::new();
-            {
+            // Before the first apply nothing is learned (answers are refused until then).
+            if taken_over {
                 let mut map = lock(&learned);
-                if taken_over {
-                    // Forget the addresses of names this policy denies; rebuild the dynamic
-                    // sets from what stays, in the same transaction.
-                    let mut dropped = false;
-                    map.retain(|_, l| {
-                        l.names.retain(|n| engine.name(n).0 == Action::Allow);
-                        let keep = !l.names.is_empty();
-                        dropped |= !keep;
-                        keep
-                    });
-                    if dropped && spec.mode == Mode::DnsNft {
-                        for set in ["dyn_allow_v4", "dyn_allow_v6"] {
-                            let _ = writeln!(script, "flush set inet {TABLE} {set}");
-                        }
-                        for (ip, l) in map.iter() {
-                            let left = l.expires.saturating_duration_since(now).as_secs().max(1);
-                            let _ = writeln!(
-                                script,
-                                "add element inet {TABLE} {} {{ {ip} timeout {left}s }}",
-                                dyn_set(ip)
-                            );
-                        }
+                // Forget the addresses of names this policy denies; rebuild the dynamic
+                // sets from what stays, in the same transaction.
+                let mut dropped = false;
+                map.retain(|_, l| {
+                    l.names.retain(|n| engine.name(n).0 == Action::Allow);
+                    let keep = !l.names.is_empty();
+                    dropped |= !keep;
+                    keep
+                });
+                if dropped && spec.mode == Mode::DnsNft {
+                    for set in ["dyn_allow_v4", "dyn_allow_v6"] {
+                        let _ = writeln!(script, "flush set inet {TABLE} {set}");
                     }
-                } else {
-                    // Taking over flushes the kernel's sets; until the transaction is in, the
-                    // DNS path must not take old entries for granted.
-                    kept = std::mem::take(&mut *map);
+                    for (ip, l) in map.iter() {
+                        let left = l.expires.saturating_duration_since(now).as_secs().max(1);
+                        let _ = writeln!(
+                            script,
+                            "add element inet {TABLE} {} {{ {ip} timeout {left}s }}",
+                            dyn_set(ip)
+                        );
+                    }
                 }
             }
             let result = run(&script).await;
@@ -568,8 +562,6 @@ async fn writer(mut rx: mpsc::Receiver<Job>, learned: LearnedMap) {
                 taken_over = true;
                 dynamic_ready = spec.mode == Mode::DnsNft;
                 current = Some(engine.clone());
-            } else if !taken_over {
-                *lock(&learned) = kept;
             }
             for (_, _, reply) in statics {
                 let _ = reply.send(result.clone());
