@@ -391,6 +391,28 @@ fn bad_configuration_starts_deny_all_or_fails_clearly() {
     assert!(lab.log().contains("unsupported action"));
     lab.kill_sidecar();
 
+    // A broken deny.always at start: refuses to run without the operator's denials, naming the
+    // line; a broken allow.always only costs its own rules.
+    lab.write_rule_file("allow.always", "fine.test\nnot a name!\n");
+    lab.start_sidecar(&[("OPENSANDBOX_EGRESS_RULES", ALLOW_ALLOWED)]);
+    assert_eq!(lab.dig("allowed.test", &[]).0, "NOERROR");
+    assert!(lab.log().contains("allow.always line 2"), "{}", lab.log());
+    lab.kill_sidecar();
+    lab.write_rule_file("deny.always", "evil.test\nnot a name!\n");
+    let out = lab
+        .in_sandbox(env!("CARGO_BIN_EXE_egress-sidecar"))
+        .env("OPENSANDBOX_EGRESS_RULES_DIR", lab.rules_dir())
+        .env("OPENSANDBOX_EGRESS_DNS_UPSTREAM", support::DNS)
+        .env("OPENSANDBOX_EGRESS_HTTP_ADDR", "127.0.0.1:18080")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "must not start");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("deny.always line 2") && text.contains("refusing to start"),
+        "{text}"
+    );
+
     // Without NET_ADMIN: exits with an error naming the capability.
     let out = lab
         .in_sandbox("setpriv")
