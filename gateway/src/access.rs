@@ -200,11 +200,13 @@ mod tests {
         #[test]
         fn key_parser_never_panics_or_leaks(text in "\\PC{0,80}") {
             if let Err(e) = KeyRing::parse(&text) {
-                let shown = e.to_string();
-                if let Some((_, secret)) = text.split_once('=') {
-                    let secret = secret.split([',', '\n']).next().unwrap_or("").trim();
-                    proptest::prop_assert!(secret.len() < 4 || !shown.contains(secret), "{}", shown);
-                }
+                // The reason is a fixed text; the segment shows the key id and never what
+                // follows `=` (comparing against the secret's text misfires when the id equals it).
+                proptest::prop_assert!(
+                    e.segment.split_once('=').is_none_or(|(_, shown)| shown == "<redacted>"),
+                    "{}",
+                    e
+                );
             }
         }
     }
