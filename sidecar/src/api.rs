@@ -19,7 +19,7 @@ use crate::config::deny_all;
 use crate::metrics;
 use crate::state::{self, State};
 
-pub const AUTH_HEADER: &str = "OPENSANDBOX-EGRESS-AUTH";
+pub use sandbox_api::egress::HEADER_AUTH as AUTH_HEADER;
 /// Largest request body; a larger one is refused with 413 (the reference silently truncates).
 pub const MAX_BODY: usize = 1 << 20;
 

@@ -8,26 +8,10 @@ use std::time::Duration;
 
 use sandbox_api::policy::{self, Action, Policy};
 
-pub const RULES: &str = "OPENSANDBOX_EGRESS_RULES";
-pub const POLICY_FILE: &str = "OPENSANDBOX_EGRESS_POLICY_FILE";
-pub const MODE: &str = "OPENSANDBOX_EGRESS_MODE";
-pub const TOKEN: &str = "OPENSANDBOX_EGRESS_TOKEN";
-pub const DNS_UPSTREAM: &str = "OPENSANDBOX_EGRESS_DNS_UPSTREAM";
-pub const DNS_UPSTREAM_TIMEOUT: &str = "OPENSANDBOX_EGRESS_DNS_UPSTREAM_TIMEOUT";
-pub const MAX_RULES: &str = "OPENSANDBOX_EGRESS_MAX_RULES";
-pub const HTTP_ADDR: &str = "OPENSANDBOX_EGRESS_HTTP_ADDR";
-pub const RULES_DIR: &str = "OPENSANDBOX_EGRESS_RULES_DIR";
-pub const LOG_LEVEL: &str = "OPENSANDBOX_EGRESS_LOG_LEVEL";
-pub const BLOCK_DOH_443: &str = "OPENSANDBOX_EGRESS_BLOCK_DOH_443";
-pub const DOH_BLOCKLIST: &str = "OPENSANDBOX_EGRESS_DOH_BLOCKLIST";
-pub const NAMESERVER_EXEMPT: &str = "OPENSANDBOX_EGRESS_NAMESERVER_EXEMPT";
-/// Where the DNS proxy listens; not an operator setting in the reference, kept for tests.
-pub const DNS_LISTEN: &str = "OPENSANDBOX_EGRESS_DNS_LISTEN";
+pub use sandbox_api::egress::env::*;
+pub use sandbox_api::egress::{DEFAULT_RULES_DIR, SOCKET_MARK};
 
-pub const DEFAULT_RULES_DIR: &str = "/var/egress/rules";
 pub const DEFAULT_MAX_RULES: usize = 4096;
-/// The mark on the proxy's own upstream sockets; the redirect and the filter let it through.
-pub const SOCKET_MARK: u32 = 0x1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -191,7 +175,7 @@ impl Config {
             }
         };
         let http_addr = match get(HTTP_ADDR) {
-            None => SocketAddr::from(([0, 0, 0, 0], 18080)),
+            None => SocketAddr::from(([0, 0, 0, 0], sandbox_api::egress::API_PORT)),
             Some(a) => parse_listen(&a).ok_or(ConfigError::HttpAddr(a))?,
         };
         let dns_listen = match get(DNS_LISTEN) {

@@ -4,6 +4,7 @@
 //! header, annotation and resource name is defined exactly once.
 #![forbid(unsafe_code)]
 
+pub mod egress;
 pub mod endpoints;
 pub mod names;
 pub mod policy;

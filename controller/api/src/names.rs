@@ -35,5 +35,3 @@ pub const HEADER_SECURE_ACCESS: &str = "opensandbox-secure-access";
 pub const HEADER_POWERED_BY: &str = "reverse-proxy-server-powerby";
 /// Value of [`HEADER_POWERED_BY`].
 pub const POWERED_BY_VALUE: &str = "OpenSandbox-ingress";
-/// Header carrying the egress sidecar's API token.
-pub const HEADER_EGRESS_AUTH: &str = "opensandbox-egress-auth";
