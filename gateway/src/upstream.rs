@@ -1,69 +1,10 @@
 //! Which sandbox addresses may be dialled (`--allowed-upstream-cidrs`). By default everything
-//! except link-local (cloud metadata lives there) and unspecified addresses; an address outside
+//! except link-local, cloud metadata and unspecified addresses; an address outside
 //! the policy is dropped from the route table, so it is never dialled.
 
 use std::net::IpAddr;
-use std::str::FromStr;
 
-/// An address block `ip/prefix`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let (ip, prefix) = match s.split_once('/') {
-            Some((ip, p)) => (ip, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = ip
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?} has an invalid prefix length"))?,
-            None => max,
-        };
-        Ok(Cidr { addr, prefix })
-    }
-}
-
-impl Cidr {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, normalize(ip)) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-/// IPv4-mapped IPv6 addresses are judged as the IPv4 address they carry.
-fn normalize(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
+use sandbox_api::net::{self, Cidr};
 
 #[derive(Debug, Clone, Default)]
 pub struct UpstreamPolicy {
@@ -74,38 +15,26 @@ pub struct UpstreamPolicy {
 impl UpstreamPolicy {
     /// Parses a comma-separated list; an empty string means the default policy.
     pub fn parse(list: &str) -> Result<Self, String> {
-        let cidrs: Vec<Cidr> = list
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::parse)
-            .collect::<Result<_, _>>()?;
+        let cidrs = net::parse_list(list).map_err(|e| e.to_string())?;
         Ok(Self {
             allowed: if cidrs.is_empty() { None } else { Some(cidrs) },
         })
     }
 
     pub fn permits(&self, ip: IpAddr) -> bool {
-        let ip = normalize(ip);
+        let ip = net::canonical(ip);
         if ip.is_unspecified() || is_broadcast(ip) {
             return false;
         }
         match &self.allowed {
             Some(cidrs) => cidrs.iter().any(|c| c.contains(ip)),
-            None => !is_link_local(ip),
+            None => !net::is_metadata(ip),
         }
     }
 }
 
 fn is_broadcast(ip: IpAddr) -> bool {
     matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
-}
-
-fn is_link_local(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
-    }
 }
 
 #[cfg(test)]
@@ -126,6 +55,8 @@ mod tests {
             "::",
             "::ffff:169.254.169.254",
             "255.255.255.255",
+            "100.100.100.200",
+            "fd00:ec2::254",
         ] {
             assert!(!p.permits(ip(bad)), "{bad}");
         }

@@ -7,5 +7,6 @@
 pub mod egress;
 pub mod endpoints;
 pub mod names;
+pub mod net;
 pub mod policy;
 pub mod signing;

@@ -86,12 +86,11 @@ pub fn validate_target(target: &str) -> Result<(), &'static str> {
     if t.parse::<IpAddr>().is_ok() {
         return Ok(());
     }
-    if let Some((ip, prefix)) = t.split_once('/') {
-        let ip: IpAddr = ip.parse().map_err(|_| "not a CIDR")?;
-        let max = if ip.is_ipv4() { 32 } else { 128 };
-        return match prefix.parse::<u8>() {
-            Ok(p) if p <= max => Ok(()),
-            _ => Err("invalid CIDR prefix length"),
+    if t.contains('/') {
+        return match t.parse::<crate::net::Cidr>() {
+            Ok(_) => Ok(()),
+            Err(crate::net::CidrError::Prefix(_)) => Err("invalid CIDR prefix length"),
+            Err(_) => Err("not a CIDR"),
         };
     }
     let name = t.strip_prefix("*.").unwrap_or(t);
