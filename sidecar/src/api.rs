@@ -14,6 +14,7 @@ use hyper_util::rt::TokioIo;
 use sandbox_api::policy::{self, Policy, Rule};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::deny_all;
 use crate::metrics;
@@ -258,10 +259,14 @@ impl Api {
     }
 }
 
-/// Serves the API until the process ends.
-pub async fn serve(api: Arc<Api>, listener: TcpListener) {
+/// Serves the API on `listener` until `cancel` fires.
+pub async fn serve(api: Arc<Api>, listener: TcpListener, cancel: CancellationToken) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((stream, _)) = accepted else {
             continue;
         };
         let api = api.clone();

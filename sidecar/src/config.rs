@@ -62,6 +62,10 @@ pub struct Config {
     pub block_doh_443: bool,
     pub doh_blocklist: Vec<String>,
     pub nameserver_exempt: Vec<IpAddr>,
+    /// Extra private ranges: answer records pointing there are stripped like RFC 1918 ones.
+    pub private_cidrs: Vec<sandbox_api::net::Cidr>,
+    /// Let answers pointing into private ranges through (the reference behaviour).
+    pub allow_private_answers: bool,
     pub log_level: String,
     /// Problems that did not stop start-up (bad policy, bad mode); logged once logging is up.
     pub warnings: Vec<String>,
@@ -75,6 +79,8 @@ pub enum ConfigError {
     NoUpstream,
     #[error("{HTTP_ADDR}: {0:?} is not a listen address (e.g. :18080 or 127.0.0.1:18080)")]
     HttpAddr(String),
+    #[error("{PRIVATE_CIDRS}: {0}")]
+    PrivateCidrs(String),
     #[error("{DNS_LISTEN}: {0:?} is not a socket address")]
     DnsListen(String),
     #[error("{POLICY_FILE}: cannot read {path}: {error}")]
@@ -210,8 +216,27 @@ impl Config {
             .filter_map(|e| e.trim().parse().ok())
             .collect();
 
+        let private_cidrs = sandbox_api::net::parse_list(&get(PRIVATE_CIDRS).unwrap_or_default())
+            .map_err(|e| ConfigError::PrivateCidrs(e.to_string()))?;
+        let allow_private_answers = match get(ALLOW_PRIVATE_ANSWERS) {
+            None => false,
+            Some(v) => match v.to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "y" | "on" => true,
+                "0" | "false" | "no" | "n" | "off" => false,
+                _ => {
+                    // Unclear: keep the safe behaviour.
+                    warnings.push(format!(
+                        "{ALLOW_PRIVATE_ANSWERS}={v:?} is not true or false; private answers stay stripped"
+                    ));
+                    false
+                }
+            },
+        };
+
         Ok(Config {
             mode,
+            private_cidrs,
+            allow_private_answers,
             policy,
             policy_source,
             policy_file,
@@ -259,13 +284,7 @@ pub fn parse_mode(text: &str) -> Option<Mode> {
 }
 
 fn is_ip_or_cidr(text: &str) -> bool {
-    text.parse::<IpAddr>().is_ok()
-        || text.split_once('/').is_some_and(|(ip, len)| {
-            ip.parse::<IpAddr>().is_ok_and(|ip| {
-                len.parse::<u8>()
-                    .is_ok_and(|l| l <= if ip.is_ipv4() { 32 } else { 128 })
-            })
-        })
+    text.parse::<sandbox_api::net::Cidr>().is_ok()
 }
 
 /// One upstream: `IP`, `IP:port`, `[v6]`, `[v6]:port` or a bare IPv6 address; port 53 by default.
@@ -370,6 +389,29 @@ mod tests {
             "{:?}",
             c.warnings
         );
+    }
+
+    #[test]
+    fn private_answer_settings() {
+        let c = load(&[]).unwrap();
+        assert!(!c.allow_private_answers && c.private_cidrs.is_empty());
+        let c = load(&[
+            (PRIVATE_CIDRS, "198.18.0.0/15, 2001:db8:99::/48"),
+            (ALLOW_PRIVATE_ANSWERS, "TRUE"),
+        ])
+        .unwrap();
+        assert!(c.allow_private_answers);
+        assert_eq!(c.private_cidrs.len(), 2);
+        let e = load(&[(PRIVATE_CIDRS, "10.0.0.0/8,not-a-range")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(PRIVATE_CIDRS) && e.contains("not-a-range"),
+            "{e}"
+        );
+        let c = load(&[(ALLOW_PRIVATE_ANSWERS, "maybe")]).unwrap();
+        assert!(!c.allow_private_answers, "unclear value keeps stripping");
+        assert!(c.warnings.iter().any(|w| w.contains(ALLOW_PRIVATE_ANSWERS)));
     }
 
     #[test]

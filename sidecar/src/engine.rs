@@ -25,45 +25,13 @@ struct Layer {
     prefixes: Vec<(bool, u8)>,
 }
 
-pub fn bits(ip: IpAddr) -> (bool, u128) {
-    match ip {
-        IpAddr::V4(v4) => (false, u128::from(u32::from(v4))),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => (false, u128::from(u32::from(v4))),
-            None => (true, u128::from(v6)),
-        },
-    }
-}
+pub use sandbox_api::net::{bits, mask};
 
 /// An IP or CIDR target as (is IPv6, address bits, prefix length); IPv4-mapped IPv6 addresses
-/// and blocks are IPv4. `None` for names.
+/// and blocks are IPv4. `None` for names (and for blocks the policy check refuses).
 pub fn parse_net(target: &str) -> Option<(bool, u128, u8)> {
-    if let Ok(ip) = target.parse::<IpAddr>() {
-        let (v6, value) = bits(ip);
-        return Some((v6, value, if v6 { 128 } else { 32 }));
-    }
-    let (ip, prefix) = target.split_once('/')?;
-    let (ip, prefix) = (ip.parse::<IpAddr>().ok()?, prefix.parse::<u8>().ok()?);
-    let (v6, value) = bits(ip);
-    // An IPv4-mapped IPv6 block is an IPv4 block 96 bits shorter.
-    let prefix = if !v6 && ip.is_ipv6() {
-        prefix.saturating_sub(96)
-    } else {
-        prefix
-    };
-    let prefix = prefix.min(if v6 { 128 } else { 32 });
-    Some((v6, mask(v6, value, prefix), prefix))
-}
-
-pub fn mask(v6: bool, value: u128, prefix: u8) -> u128 {
-    let width = if v6 { 128 } else { 32 };
-    if prefix == 0 {
-        0
-    } else {
-        value
-            & (u128::MAX << (width - u32::from(prefix)))
-            & if v6 { u128::MAX } else { u128::from(u32::MAX) }
-    }
+    let c: sandbox_api::net::Cidr = target.parse().ok()?;
+    Some((c.v6, c.bits, c.prefix))
 }
 
 fn keep_first(map: &mut HashMap<String, (usize, Action)>, key: String, entry: (usize, Action)) {
@@ -137,6 +105,18 @@ pub enum Source {
     AlwaysAllow,
     Policy,
     Default,
+}
+
+impl Source {
+    /// The layer's name in audit lines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::AlwaysDeny => "deny.always",
+            Source::AlwaysAllow => "allow.always",
+            Source::Policy => "policy",
+            Source::Default => "default",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -7,6 +7,7 @@ pub mod api;
 pub mod config;
 pub mod dns;
 pub mod engine;
+pub mod identity;
 pub mod metrics;
 pub mod netlink;
 pub mod nft;

@@ -8,10 +8,11 @@ use std::time::Duration;
 use sidecar::always::Watcher;
 use sidecar::api::{self, Api};
 use sidecar::config::{Config, Mode};
-use sidecar::dns::{self, Proxy};
+use sidecar::dns::{self, AnswerFilter, Proxy};
 use sidecar::nft::{self, Nft};
 use sidecar::state::State;
 use sidecar::{metrics, state};
+use tokio_util::sync::CancellationToken;
 
 const ALWAYS_POLL: Duration = Duration::from_millis(500);
 
@@ -70,7 +71,7 @@ async fn run(config: Config) -> Result<(), String> {
             sidecar::config::TOKEN
         );
     }
-    let (mut watcher, errors) = Watcher::new(&config.rules_dir);
+    let (watcher, errors) = Watcher::new(&config.rules_dir);
     for e in errors {
         // Without its deny rules the sidecar would let through what the operator forbade.
         if e.is_deny_file() {
@@ -79,7 +80,11 @@ async fn run(config: Config) -> Result<(), String> {
         tracing::error!(error = %e, "always-rule file ignored");
     }
 
-    let nft = Nft::start();
+    // Who the sidecar is, to the firewall: without it the rules could not tell the sidecar's
+    // own DNS traffic from a sandbox process that sets the same socket mark.
+    let own = sidecar::identity::discover().map_err(|e| e.to_string())?;
+    tracing::info!(cgroup = %own.dir.display(), "sidecar traffic recognised by mark and cgroup");
+    let nft = Nft::start(own.nft_path);
     let state = State::start(&config, watcher.current().clone(), Some(nft))
         .await
         .map_err(|e| format!("cannot install the nftables table: {e}"))?;
@@ -88,18 +93,26 @@ async fn run(config: Config) -> Result<(), String> {
         state.clone(),
         config.upstreams.clone(),
         config.upstream_timeout,
+        AnswerFilter {
+            allow_private: config.allow_private_answers,
+            private_cidrs: config.private_cidrs.clone(),
+        },
     ));
-    dns::serve(proxy.clone(), config.dns_listen)
+    // Every listener is bound before anything is served; a port that cannot be bound stops
+    // the sidecar (non-zero exit, the kubelet restarts it) with the rules left in place.
+    let (udp, tcp) = dns::bind(config.dns_listen)
         .await
         .map_err(|e| format!("cannot listen for DNS on {}: {e}", config.dns_listen))?;
     // Port-53 traffic over IPv6 is redirected to [::1]; serve there too when the host has IPv6.
-    if config.dns_listen.ip().is_loopback() {
-        let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, config.dns_listen.port()));
-        if let Err(e) = dns::serve(proxy, v6).await {
-            tracing::debug!(error = %e, "no IPv6 loopback DNS listener");
-        }
-    }
-
+    let v6 = if config.dns_listen.ip().is_loopback() {
+        let addr = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, config.dns_listen.port()));
+        dns::bind(addr)
+            .await
+            .inspect_err(|e| tracing::debug!(error = %e, "no IPv6 loopback DNS listener"))
+            .ok()
+    } else {
+        None
+    };
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .map_err(|e| format!("cannot listen for the API on {}: {e}", config.http_addr))?;
@@ -108,24 +121,18 @@ async fn run(config: Config) -> Result<(), String> {
         token: config.token.clone(),
         writes: tokio::sync::Mutex::new(()),
     });
-    tokio::spawn(api::serve(api, listener));
 
-    let watched = state.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(ALWAYS_POLL).await;
-            let (changed, errors) = watcher.poll();
-            for e in errors {
-                tracing::error!(error = %e, "always-rule file not applied; keeping its previous rules");
-            }
-            if let Some(rules) = changed
-                && let Err(e) = watched.set_always(rules).await
-            {
-                tracing::error!(error = %e, "always-rule change not applied; retrying");
-                watcher.retry();
-            }
-        }
-    });
+    let cancel = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(dns::serve(proxy.clone(), udp, tcp, cancel.clone()));
+    if let Some((udp, tcp)) = v6 {
+        tasks.spawn(dns::serve(proxy.clone(), udp, tcp, cancel.clone()));
+    }
+    let probing = proxy.clone();
+    let stop = cancel.clone();
+    tasks.spawn(async move { probing.probe(stop).await });
+    tasks.spawn(api::serve(api, listener, cancel.clone()));
+    tasks.spawn(watch_always(state.clone(), watcher, cancel.clone()));
 
     let policy = state.policy().await;
     tracing::info!(
@@ -140,11 +147,43 @@ async fn run(config: Config) -> Result<(), String> {
         tracing::info!("mode dns: names are filtered, addresses are not (set dns+nft to enforce)");
     }
 
-    wait_for_signal().await;
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        // A task ending on its own is a fault: stop, and let the kubelet restart the sidecar.
+        Some(ended) = tasks.join_next() => {
+            cancel.cancel();
+            return Err(format!("a sidecar task stopped unexpectedly: {ended:?}"));
+        }
+    }
     // The table stays: a stopped sidecar leaves the namespace locked, and the next one takes
     // the table over.
     tracing::info!("egress sidecar stopping; nftables rules stay in place");
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
     Ok(())
+}
+
+/// Applies changes of the always-rule files until `cancel` fires.
+async fn watch_always(state: Arc<State>, mut watcher: Watcher, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(ALWAYS_POLL) => {}
+        }
+        let (changed, errors) = watcher.poll();
+        for e in errors {
+            tracing::error!(error = %e, "always-rule file not applied; keeping its previous rules");
+        }
+        if let Some(rules) = changed
+            && let Err(e) = state.set_always(rules).await
+        {
+            tracing::error!(error = %e, "always-rule change not applied; retrying");
+            watcher.retry();
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -113,6 +113,17 @@ pub static QUERY_LATENCY: LazyLock<Histogram> = LazyLock::new(|| {
     )
 });
 
+/// Answer records dropped because they point where a public name must not: `metadata`
+/// (link-local, cloud metadata) or `private` (loopback, RFC 1918, 100.64.0.0/10, fc00::/7 and
+/// `OPENSANDBOX_EGRESS_PRIVATE_CIDRS`), unless a rule names the address.
+pub static ANSWERS_STRIPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "egress_dns_answers_stripped_total",
+        "Answer records dropped because they pointed into metadata or private address space.",
+        &["class"],
+    )
+});
+
 pub static UPSTREAM_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "egress_dns_upstream_failures_total",
@@ -186,6 +197,9 @@ pub fn init() {
     LazyLock::force(&QUERY_LATENCY);
     LazyLock::force(&UPSTREAM_FAILURES);
     LazyLock::force(&UPSTREAM_UP);
+    for class in ["metadata", "private"] {
+        ANSWERS_STRIPPED.with_label_values(&[class]);
+    }
     LazyLock::force(&NFT_UPDATES);
     LazyLock::force(&LEARNED);
     LazyLock::force(&RULES);

@@ -11,21 +11,22 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use sidecar::config::Config;
-use sidecar::dns::{self, Proxy};
+use sidecar::dns::{self, AnswerFilter, Proxy};
 use sidecar::state::State;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
-fn free_port() -> u16 {
+/// A loopback port with nothing behind it: queries to it are refused at once.
+fn closed_port() -> u16 {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let port = s.local_addr().unwrap().port();
-    drop(s);
-    port
+    s.local_addr().unwrap().port()
 }
 
 struct Setup {
     proxy: SocketAddr,
     dnsmasq: Option<std::process::Child>,
+    /// Stops the proxy's listeners when the test ends.
+    _stop: tokio_util::sync::DropGuard,
 }
 
 impl Drop for Setup {
@@ -39,14 +40,18 @@ impl Drop for Setup {
 }
 
 /// A proxy on loopback with `policy`, asking `upstreams` (`"dnsmasq"` is replaced by a fresh
-/// dnsmasq's address).
+/// dnsmasq's address, answering with TTL 300).
 async fn setup(policy: &str, upstreams: &[String], timeout_secs: u64) -> Setup {
+    setup_ttl(policy, upstreams, timeout_secs, 300).await
+}
+
+async fn setup_ttl(policy: &str, upstreams: &[String], timeout_secs: u64, ttl: u32) -> Setup {
     let mut dnsmasq = None;
     let upstreams: Vec<String> = upstreams
         .iter()
         .map(|u| {
             if u == "dnsmasq" {
-                let (child, port) = support::dnsmasq_local("127.0.0.1");
+                let (child, port) = support::dnsmasq_local("127.0.0.1", ttl);
                 dnsmasq = Some(child);
                 format!("127.0.0.1:{port}")
             } else {
@@ -55,19 +60,15 @@ async fn setup(policy: &str, upstreams: &[String], timeout_secs: u64) -> Setup {
         })
         .collect();
     let proxy = Arc::new(proxy(policy, &upstreams.join(","), timeout_secs).await);
-    // The port can be taken between the check and the bind (TCP and UDP both): retry.
-    let mut addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    for attempt in 0..5 {
-        addr.set_port(free_port());
-        match dns::serve(proxy.clone(), addr).await {
-            Ok(()) => break,
-            Err(e) if attempt < 4 => eprintln!("proxy port {addr} taken ({e}); retrying"),
-            Err(e) => panic!("no port for the proxy: {e}"),
-        }
-    }
+    // Bound here and handed over: the address is known and nobody can take it in between.
+    let (udp, tcp) = dns::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = udp.local_addr().unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(dns::serve(proxy, udp, tcp, cancel.clone()));
     Setup {
         proxy: addr,
         dnsmasq,
+        _stop: cancel.drop_guard(),
     }
 }
 
@@ -282,6 +283,34 @@ async fn answers_are_served_from_the_cache_within_their_ttl() {
     assert_eq!(other.metadata.response_code, ResponseCode::ServFail);
 }
 
+#[tokio::test]
+async fn a_cached_answer_expires_with_its_ttl() {
+    let mut s = setup_ttl(ALLOW, &["dnsmasq".into()], 1, 2).await;
+    let first = ask(s.proxy, &query("allowed.test.", RecordType::A, None)).await;
+    assert_eq!(first.answers.len(), 1);
+    assert!(first.answers[0].ttl <= 2);
+    let mut dnsmasq = s.dnsmasq.take().unwrap();
+    dnsmasq.kill().unwrap();
+    dnsmasq.wait().unwrap();
+    // Within the TTL the cache answers without the upstream.
+    let cached = ask(s.proxy, &query("allowed.test.", RecordType::A, None)).await;
+    assert_eq!(cached.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(cached.answers.len(), 1);
+    // Once the TTL has run out the entry is gone: with no upstream left, SERVFAIL.
+    let started = Instant::now();
+    loop {
+        let reply = ask(s.proxy, &query("allowed.test.", RecordType::A, None)).await;
+        if reply.metadata.response_code == ResponseCode::ServFail {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a 2 s answer still served from the cache after 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A proxy (not listening) with `policy` and `upstreams` (comma-separated).
 async fn proxy(policy: &str, upstreams: &str, timeout_secs: u64) -> Proxy {
     let vars = [
@@ -300,12 +329,17 @@ async fn proxy(policy: &str, upstreams: &str, timeout_secs: u64) -> Proxy {
     let state = State::start(&config, Default::default(), None)
         .await
         .unwrap();
-    Proxy::new(state, config.upstreams.clone(), config.upstream_timeout)
+    Proxy::new(
+        state,
+        config.upstreams.clone(),
+        config.upstream_timeout,
+        AnswerFilter::default(),
+    )
 }
 
 /// A proxy (not listening) with `policy` whose only upstream refuses connections at once.
 async fn bare_proxy(policy: &str) -> Proxy {
-    proxy(policy, &format!("127.0.0.1:{}", free_port()), 1).await
+    proxy(policy, &format!("127.0.0.1:{}", closed_port()), 1).await
 }
 
 /// xorshift64: reproducible pseudo-random bytes without a dependency.

@@ -15,6 +15,10 @@ pub const BLOCKED_IP: &str = "198.51.100.20";
 pub const ALLOWED_IP6: &str = "2001:db8::10";
 pub const BLOCKED_IP6: &str = "2001:db8::20";
 pub const TOKEN: &str = "test-token";
+/// Private addresses some test names answer with (DNS rebinding); served by
+/// [`Lab::serve_private`].
+pub const PRIVATE_IP: &str = "10.0.0.10";
+pub const PRIVATE_IP6: &str = "fd00::10";
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -50,10 +54,25 @@ pub fn example(name: &str) -> PathBuf {
     path
 }
 
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup` or `/sys/fs/cgroup/unified`).
+pub fn cgroup2_mount() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap()))
+        })
+        .expect("the sidecar needs a cgroup v2 hierarchy")
+}
+
 pub struct Lab {
+    id: String,
     pub sandbox: String,
     pub upstream: String,
     pub dir: PathBuf,
+    /// The sidecar's own cgroup (as a container runtime would give it one).
+    pub cgroup: PathBuf,
     children: Vec<Child>,
     sidecar: Option<Child>,
     env: Vec<(String, String)>,
@@ -61,20 +80,25 @@ pub struct Lab {
 
 /// dnsmasq's zone: fixed names, a wildcard zone, a CNAME to blocked.test, a name pointing at
 /// the cloud metadata address, and a TXT record too large for a 512-byte UDP answer.
-fn dnsmasq_args(listen: &str, port: u16) -> Vec<String> {
+fn dnsmasq_args(listen: &str, port: u16, ttl: u32) -> Vec<String> {
     let big = "x".repeat(200);
     let mut args: Vec<String> = [
         "--no-daemon",
         "--no-resolv",
         "--no-hosts",
         "--bind-interfaces",
-        "--local-ttl=300",
         "--host-record=allowed.test,198.51.100.10,2001:db8::10",
         "--host-record=blocked.test,198.51.100.20,2001:db8::20",
         "--address=/example.test/198.51.100.10",
         "--address=/a.test/198.51.100.10",
         "--address=/bench.test/198.51.100.30",
         "--address=/meta.test/169.254.169.254",
+        // Public-looking names answering into private space (DNS rebinding).
+        "--host-record=private10.test,10.0.0.10",
+        "--host-record=loop.test,127.0.0.5",
+        "--host-record=ula.test,fd00::10",
+        "--host-record=mixed.test,198.51.100.10",
+        "--host-record=mixed.test,10.0.0.10",
         "--cname=alias.test,blocked.test",
         "--cname=good-alias.test,allowed.test",
         "--pid-file=",
@@ -82,6 +106,7 @@ fn dnsmasq_args(listen: &str, port: u16) -> Vec<String> {
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
+    args.push(format!("--local-ttl={ttl}"));
     args.push(format!("--listen-address={listen}"));
     args.push(format!("--port={port}"));
     args.push(format!(
@@ -104,11 +129,11 @@ fn free_port(listen: &str) -> u16 {
 /// Starts dnsmasq on a free port of `listen` in the current namespace (used by the in-process
 /// tests); another process can take the port between the check and dnsmasq's bind, so a
 /// dnsmasq that does not come up is retried on another port.
-pub fn dnsmasq_local(listen: &str) -> (Child, u16) {
+pub fn dnsmasq_local(listen: &str, ttl: u32) -> (Child, u16) {
     for _ in 0..5 {
         let port = free_port(listen);
         let mut child = Command::new("dnsmasq")
-            .args(dnsmasq_args(listen, port))
+            .args(dnsmasq_args(listen, port, ttl))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -154,10 +179,14 @@ impl Lab {
         let dir = std::env::temp_dir().join(format!("egress-lab-{id}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("rules")).unwrap();
+        let cgroup = cgroup2_mount().join(format!("egress-lab-{id}"));
+        let _ = std::fs::create_dir(&cgroup);
         let mut lab = Lab {
+            id: id.clone(),
             sandbox: sandbox.clone(),
             upstream: upstream.clone(),
             dir,
+            cgroup,
             children: Vec::new(),
             sidecar: None,
             env: Vec::new(),
@@ -197,7 +226,7 @@ impl Lab {
         }
         let dnsmasq = Command::new("ip")
             .args(["netns", "exec", &upstream, "dnsmasq"])
-            .args(dnsmasq_args(DNS, 53))
+            .args(dnsmasq_args(DNS, 53, 300))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -229,6 +258,73 @@ impl Lab {
         lab
     }
 
+    /// Puts the private test addresses on the upstream host (routed on-link from the sandbox,
+    /// inside the lab's own namespaces) with a web server on each.
+    pub fn serve_private(&mut self) {
+        let (a, b) = (format!("vs{}", self.id), format!("vu{}", self.id));
+        ok(Command::new("ip").args([
+            "-n",
+            &self.upstream,
+            "addr",
+            "add",
+            "10.0.0.10/24",
+            "dev",
+            &b,
+        ]));
+        ok(Command::new("ip").args([
+            "-n",
+            &self.upstream,
+            "addr",
+            "add",
+            "fd00::10/64",
+            "dev",
+            &b,
+            "nodad",
+        ]));
+        ok(Command::new("ip").args([
+            "-n",
+            &self.sandbox,
+            "route",
+            "add",
+            "10.0.0.0/24",
+            "dev",
+            &a,
+        ]));
+        ok(Command::new("ip").args(["-n", &self.sandbox, "route", "add", "fd00::/64", "dev", &a]));
+        let web = Command::new("ip")
+            .args(["netns", "exec", &self.upstream])
+            .arg(example("test-web"))
+            .args([format!("{PRIVATE_IP}:80"), format!("[{PRIVATE_IP6}]:80")])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.children.push(web);
+    }
+
+    /// Starts the sidecar with the lab's defaults plus `env` and waits up to `limit` for it to
+    /// exit; `None` if it is still running then (it is killed).
+    pub fn run_sidecar_to_exit(
+        &mut self,
+        env: &[(&str, &str)],
+        limit: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        self.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let mut child = self.sidecar_command().spawn().unwrap();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
     pub fn rules_dir(&self) -> PathBuf {
         self.dir.join("rules")
     }
@@ -253,15 +349,22 @@ impl Lab {
         self.restart_sidecar();
     }
 
-    /// Starts the sidecar again with the environment of the last start.
-    pub fn restart_sidecar(&mut self) {
-        assert!(self.sidecar.is_none(), "sidecar already running");
+    /// The sidecar as a pod would run it, with the lab's defaults and the last start's env,
+    /// logging to the lab's log file.
+    fn sidecar_command(&self) -> Command {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("sidecar.log"))
             .unwrap();
-        let mut cmd = self.in_sandbox(env!("CARGO_BIN_EXE_egress-sidecar"));
+        // As in a pod: the sandbox's network namespace, a cgroup of its own. `nsenter` keeps
+        // the host's /sys (where `ip netns exec` mounts a fresh one without cgroups); the shell
+        // moves itself into the cgroup and then becomes the sidecar.
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.sandbox))
+            .args(["sh", "-c", "echo $$ > \"$0\"/cgroup.procs && exec \"$@\""])
+            .arg(&self.cgroup)
+            .arg(env!("CARGO_BIN_EXE_egress-sidecar"));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("OPENSANDBOX_EGRESS_DNS_UPSTREAM", DNS)
@@ -272,6 +375,13 @@ impl Lab {
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        cmd
+    }
+
+    /// Starts the sidecar again with the environment of the last start.
+    pub fn restart_sidecar(&mut self) {
+        assert!(self.sidecar.is_none(), "sidecar already running");
+        let mut cmd = self.sidecar_command();
         self.sidecar = Some(cmd.spawn().unwrap());
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -292,7 +402,7 @@ impl Lab {
 
     pub fn kill_sidecar(&mut self) {
         if let Some(mut child) = self.sidecar.take() {
-            // `ip netns exec` execs the program, so this is the sidecar itself: SIGKILL.
+            // nsenter and the shell exec the program, so this is the sidecar itself: SIGKILL.
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -462,6 +572,7 @@ impl Drop for Lab {
             }
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
+        let _ = std::fs::remove_dir(&self.cgroup);
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
