@@ -5,8 +5,9 @@
 # no route out), removed at exit. Needs root.
 #
 # The sidecar runs in dns+nft mode with "*.bench.test" allowed, so every uncached answer also
-# goes through the nftables writer. Direct queries carry the proxy's socket mark and so bypass
-# the port-53 redirect.
+# goes through the nftables writer. The sidecar runs in a cgroup of its own, as in a pod; the
+# benchmark client runs in that cgroup too and its direct queries carry the proxy's socket mark,
+# so they pass the port-53 redirect as the proxy's own do (mark and cgroup, see the README).
 #
 # A third scenario asks AAAA for names that each have their own address (a dnsmasq hosts file
 # of FRESH names in 2001:db8:1::/48), so every answer must reach the nftables set first.
@@ -29,12 +30,19 @@ id=$$
 sb=egbsb$id
 up=egbup$id
 work=$(mktemp -d)
+cg=$(awk '$9 == "cgroup2" { print $5; exit }' /proc/self/mountinfo)/egress-bench-$id
+mkdir -p "$cg"
+# in_sidecar CMD...: runs CMD in the sandbox namespace and the sidecar's cgroup (nsenter keeps
+# the host's /sys, where the cgroup hierarchy is).
+# Call it in a subshell: it execs, so a background one's $! is the program itself.
+in_sidecar() { exec nsenter --net="/run/netns/$sb" sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$cg" "$@"; }
 cleanup() {
   for ns in "$sb" "$up"; do
     for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
     ip netns del "$ns" 2>/dev/null || true
   done
   rm -rf "$work"
+  rmdir "$cg" 2>/dev/null || true
 }
 trap cleanup EXIT
 
@@ -52,15 +60,15 @@ ip netns exec "$up" dnsmasq --no-daemon --no-resolv --no-hosts --bind-interfaces
   --listen-address=198.51.100.2 --local-ttl=300 --cache-size=10000 \
   --address=/bench.test/198.51.100.30 --addn-hosts="$work/fresh.hosts" --pid-file= >"$work/dnsmasq.log" 2>&1 &
 mkdir -p "$work/rules"
-ip netns exec "$sb" env \
+(in_sidecar env \
   OPENSANDBOX_EGRESS_MODE=dns+nft \
   OPENSANDBOX_EGRESS_DNS_UPSTREAM=198.51.100.2 \
   OPENSANDBOX_EGRESS_RULES='{"defaultAction":"deny","egress":[{"action":"allow","target":"*.bench.test"},{"action":"allow","target":"*.fresh.test"}]}' \
   OPENSANDBOX_EGRESS_RULES_DIR="$work/rules" \
   OPENSANDBOX_EGRESS_HTTP_ADDR=127.0.0.1:18080 \
   OPENSANDBOX_EGRESS_LOG_LEVEL=warn \
-  target/release/egress-sidecar >"$work/sidecar.log" 2>&1 &
-sidecar_pid=$!   # ip netns exec execs the sidecar: same process
+  target/release/egress-sidecar) >"$work/sidecar.log" 2>&1 &
+sidecar_pid=$!   # nsenter and sh exec the sidecar: same process
 for _ in $(seq 100); do
   if ip netns exec "$sb" curl -s -m 1 http://127.0.0.1:18080/healthz 2>/dev/null | grep -q ok; then break; fi
   sleep 0.1
@@ -72,8 +80,8 @@ out="loadtest/results/$(date +%F)-$commit-dns.md"
   echo "date $(date +%F), commit $commit, release build, $(nproc) cores; proxy, dnsmasq and client share them"
   echo "latency: $QUERIES sequential queries per cell; q/s: $CONCURRENCY clients for ${SECONDS_QPS}s"
   echo
-  ip netns exec "$sb" target/release/examples/dns-bench 127.0.0.1:15353 198.51.100.2:53 \
-    "$QUERIES" "$SECONDS_QPS" "$CONCURRENCY"
+  (in_sidecar target/release/examples/dns-bench 127.0.0.1:15353 198.51.100.2:53 \
+    "$QUERIES" "$SECONDS_QPS" "$CONCURRENCY")
   echo
   target/release/examples/policy-bench
   echo

@@ -3,7 +3,8 @@
 //!
 //! `dns-bench <proxy addr> <direct addr> [latency queries] [qps seconds] [concurrency]`
 //!
-//! Direct queries carry the proxy's socket mark, so the port-53 redirect lets them through.
+//! Direct queries carry the proxy's socket mark and run in its cgroup, so the port-53 redirect lets
+//! them through as it lets the proxy's own.
 //! Scenarios: `cached` asks one name again and again (the proxy answers from its cache),
 //! `uncached` asks a new name every time, all on one address (the proxy forwards every query;
 //! the address is admitted once), `new address` asks AAAA for `f<i>.fresh.test`, a new name on

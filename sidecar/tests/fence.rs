@@ -204,7 +204,7 @@ fn now() -> f64 {
 
 /// Opens a flow to the address of allowed.test and one to 198.51.100.20 (allowed by an IP
 /// rule), runs `deny`, and checks the first flow stops within 2 s while the second goes on.
-fn open_flows_end_when_denied(deny: impl FnOnce(&Lab)) {
+fn open_flows_end_when_denied(deny: impl FnOnce(&mut Lab)) {
     let mut lab = Lab::new();
     lab.start_sidecar(&[
         ("OPENSANDBOX_EGRESS_MODE", "dns+nft"),
@@ -218,7 +218,7 @@ fn open_flows_end_when_denied(deny: impl FnOnce(&Lab)) {
     let kept = Flow::open(&lab, BLOCKED_IP, 6);
     std::thread::sleep(Duration::from_millis(800));
     let changed = now();
-    deny(&lab);
+    deny(&mut lab);
     let denied = denied.echoes();
     let kept = kept.echoes();
     assert!(
@@ -256,6 +256,19 @@ fn a_patch_that_denies_a_name_ends_its_open_flows() {
 #[test]
 fn a_deny_always_line_ends_open_flows() {
     open_flows_end_when_denied(|lab| lab.write_rule_file("deny.always", "allowed.test\n"));
+}
+
+#[test]
+fn a_restart_under_a_narrower_policy_ends_open_flows() {
+    open_flows_end_when_denied(|lab| {
+        lab.kill_sidecar();
+        std::fs::write(
+            lab.policy_file(),
+            r#"{"defaultAction":"deny","egress":[{"action":"allow","target":"198.51.100.20/32"}]}"#,
+        )
+        .unwrap();
+        lab.restart_sidecar();
+    });
 }
 
 #[test]
