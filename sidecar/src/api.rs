@@ -261,14 +261,7 @@ impl Api {
 
 /// Serves the API on `listener` until `cancel` fires.
 pub async fn serve(api: Arc<Api>, listener: TcpListener, cancel: CancellationToken) {
-    loop {
-        let accepted = tokio::select! {
-            _ = cancel.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let Ok((stream, _)) = accepted else {
-            continue;
-        };
+    while let Some(stream) = crate::accept::next(&listener, &cancel).await {
         let api = api.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {

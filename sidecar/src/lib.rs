@@ -2,6 +2,7 @@
 //! only allowed addresses, and an authenticated HTTP API to read and change the policy.
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod always;
 pub mod api;
 pub mod config;

@@ -63,14 +63,7 @@ async fn serve_udp(proxy: Arc<Proxy>, socket: Arc<UdpSocket>, cancel: Cancellati
 }
 
 async fn serve_tcp(proxy: Arc<Proxy>, listener: TcpListener, cancel: CancellationToken) {
-    loop {
-        let accepted = tokio::select! {
-            _ = cancel.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let Ok((stream, _)) = accepted else {
-            continue;
-        };
+    while let Some(stream) = crate::accept::next(&listener, &cancel).await {
         let proxy = proxy.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
