@@ -72,7 +72,7 @@ pub struct Config {
     #[arg(long)]
     pub label_selector: Option<String>,
 
-    /// Sandbox addresses the gateway may dial (comma-separated CIDRs; default: all but link-local and unspecified).
+    /// Sandbox addresses the gateway may dial (comma-separated CIDRs; default: all but link-local, metadata and unspecified).
     #[arg(long, default_value = "")]
     pub allowed_upstream_cidrs: String,
 
