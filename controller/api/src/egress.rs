@@ -53,7 +53,99 @@ pub const SECRET_TOKEN_KEY: &str = "token";
 /// CAP_NET_RAW can set it); the rules also require the socket to belong to the sidecar's cgroup.
 pub const SOCKET_MARK: u32 = 0x1;
 
-/// Name of the Secret holding a BatchSandbox's egress token.
+/// Longest Kubernetes object name (a DNS-1123 subdomain).
+const MAX_OBJECT_NAME: usize = 253;
+const SECRET_SUFFIX: &str = "-egress-token";
+/// Hex digits of the name's hash kept when a long name is shortened.
+const SECRET_HASH_DIGITS: usize = 10;
+
+/// Name of the Secret holding a BatchSandbox's egress token: `<name>-egress-token`, or, when that
+/// would exceed 253 characters, a prefix of the name, a hash of the whole name and the suffix
+/// (so two long names never share a Secret). A valid BatchSandbox name gives a valid Secret name.
 pub fn secret_name(batch_sandbox: &str) -> String {
-    format!("{batch_sandbox}-egress-token")
+    if batch_sandbox.len() + SECRET_SUFFIX.len() <= MAX_OBJECT_NAME {
+        return format!("{batch_sandbox}{SECRET_SUFFIX}");
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(batch_sandbox.as_bytes());
+    let hash: String = digest
+        .iter()
+        .flat_map(|b| [b >> 4, b & 0xf])
+        .take(SECRET_HASH_DIGITS)
+        .map(|n| char::from_digit(u32::from(n), 16).unwrap_or('0'))
+        .collect();
+    let mut keep = MAX_OBJECT_NAME - SECRET_SUFFIX.len() - 1 - SECRET_HASH_DIGITS;
+    while !batch_sandbox.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    // A label may not end in '-' or '.', and the hash starts a new part of this one.
+    let prefix = batch_sandbox[..keep].trim_end_matches(['-', '.']);
+    if prefix.is_empty() {
+        format!("{hash}{SECRET_SUFFIX}")
+    } else {
+        format!("{prefix}-{hash}{SECRET_SUFFIX}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Kubernetes' IsDNS1123Subdomain.
+    fn is_subdomain(name: &str) -> bool {
+        let label = |l: &str| {
+            !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        name.len() <= MAX_OBJECT_NAME && name.split('.').all(label)
+    }
+
+    #[test]
+    fn short_names_keep_the_reference_form() {
+        assert_eq!(secret_name("bs"), "bs-egress-token");
+        let longest_plain = "a".repeat(MAX_OBJECT_NAME - SECRET_SUFFIX.len());
+        assert_eq!(
+            secret_name(&longest_plain),
+            format!("{longest_plain}-egress-token")
+        );
+    }
+
+    #[test]
+    fn long_names_are_shortened_distinctly() {
+        let a = format!("{}a", "x".repeat(252));
+        let b = format!("{}b", "x".repeat(252));
+        let (sa, sb) = (secret_name(&a), secret_name(&b));
+        assert_ne!(sa, sb);
+        assert!(is_subdomain(&sa) && is_subdomain(&sb), "{sa}");
+        assert!(sa.ends_with(SECRET_SUFFIX) && sa.starts_with("xxxx"));
+        // A cut that lands after a '.' or '-' must not leave an empty or dashed label.
+        let dotted = format!("{}.{}", "a".repeat(228), "b".repeat(24));
+        assert!(
+            is_subdomain(&secret_name(&dotted)),
+            "{}",
+            secret_name(&dotted)
+        );
+        let dashed = format!("{}{}", "a".repeat(200), "-".repeat(52)) + "z";
+        assert!(
+            is_subdomain(&secret_name(&dashed)),
+            "{}",
+            secret_name(&dashed)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn any_valid_name_gives_a_valid_secret_name(
+            name in "[a-z0-9]([-a-z0-9]{0,60}[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]{0,60}[a-z0-9])?){0,4}"
+        ) {
+            prop_assume!(is_subdomain(&name));
+            let secret = secret_name(&name);
+            prop_assert!(is_subdomain(&secret), "{} -> {}", name, secret);
+        }
+    }
 }
