@@ -1,11 +1,15 @@
 //! `sandbox-controller`: runs BatchSandbox pods and publishes where they live.
 #![forbid(unsafe_code)]
 
+mod error;
+mod fence;
 mod health;
 mod leader;
 mod metrics;
 mod pod;
 mod reconcile;
+mod secret;
+mod sidecar;
 mod status;
 mod tokens;
 
@@ -18,11 +22,13 @@ use std::time::Duration;
 use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject};
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
+use sandbox_api::egress::{MODE_DNS, MODE_DNS_NFT};
 use sandbox_api::names;
 
 #[derive(Debug, Parser)]
@@ -38,8 +44,9 @@ struct Config {
     /// Image of the injected egress sidecar.
     #[arg(long, default_value = "opensandbox/egress:latest")]
     egress_image: String,
-    /// `OPENSANDBOX_EGRESS_MODE` given to the sidecar: `dns` or `dns+nft`.
-    #[arg(long, default_value = "dns")]
+    /// `OPENSANDBOX_EGRESS_MODE` given to the sidecar: `dns+nft` (names and addresses
+    /// enforced) or `dns` (names only).
+    #[arg(long, default_value = MODE_DNS_NFT)]
     egress_mode: String,
     /// Upper bound on `spec.replicas`; larger values are capped.
     #[arg(long, default_value_t = 1000)]
@@ -126,9 +133,9 @@ async fn main() {
 }
 
 async fn run(config: Config) -> Result<(), String> {
-    if !matches!(config.egress_mode.as_str(), "dns" | "dns+nft") {
+    if ![MODE_DNS, MODE_DNS_NFT].contains(&config.egress_mode.as_str()) {
         return Err(format!(
-            "--egress-mode: {:?} is not dns or dns+nft",
+            "--egress-mode: {:?} is not {MODE_DNS} or {MODE_DNS_NFT}",
             config.egress_mode
         ));
     }
@@ -183,8 +190,13 @@ async fn run(config: Config) -> Result<(), String> {
     });
     let objects: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
     let pods: Api<Pod> = Api::all(client.clone());
+    // Metadata only: a deleted or changed token Secret brings its owner back, and no token is
+    // cached here.
+    let secrets: Api<PartialObjectMeta<Secret>> = Api::all(client.clone());
+    let secret_selector = format!("{}={}", secret::LABEL, secret::LABEL_VALUE);
     let controller = Controller::new_with(objects, watcher::Config::default(), resource)
-        .owns(pods, watcher::Config::default().labels(pod::LABEL_NAME));
+        .owns(pods, watcher::Config::default().labels(pod::LABEL_NAME))
+        .owns(secrets, watcher::Config::default().labels(&secret_selector));
     tokio::spawn(report_backlog(controller.store()));
     let controller = controller
         .shutdown_on_signal()

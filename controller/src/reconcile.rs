@@ -1,5 +1,6 @@
-//! One idempotent pass over a BatchSandbox: expiry, access token, egress token, pods, endpoints
-//! annotation (before status, so `ready` is never seen without an endpoint), then status.
+//! One idempotent pass over a BatchSandbox: expiry, access and egress tokens, the egress fence
+//! and token Secret, pods, endpoints annotation (before status, so `ready` is never seen without
+//! an endpoint), status, and one Warning event when a new problem stops the controller.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,21 +14,15 @@ use kube::api::{
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
-use sandbox_api::{endpoints, names, policy};
+use sandbox_api::{egress, endpoints, names, policy};
 use serde_json::{Value, json};
 
+use crate::error::Error;
 use crate::metrics::metrics;
-use crate::pod::{self, Egress, LABEL_INDEX, LABEL_NAME, Owner};
-use crate::status::{self, Observed};
-use crate::tokens;
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("object has no {0}")]
-    Missing(&'static str),
-}
+use crate::pod::{self, LABEL_INDEX, LABEL_NAME, Owner};
+use crate::sidecar::Egress;
+use crate::status::{self, Observed, Problem};
+use crate::{fence, secret, tokens};
 
 pub struct Context {
     pub client: Client,
@@ -79,6 +74,43 @@ fn expiry(spec: &Value) -> Expiry {
     }
 }
 
+/// How a pass ended; [`next`] alone turns it into a requeue.
+enum Outcome {
+    /// Being deleted, or just deleted for expiry.
+    Gone,
+    /// Tokens were written to the object; its change brings the next pass.
+    Annotated,
+    /// Reconciled, perhaps stopped by a problem, perhaps with an expiry ahead.
+    Done {
+        problem: bool,
+        expires_in: Option<Duration>,
+    },
+    /// The pass failed (the API server did not answer as expected).
+    Failed,
+}
+
+/// A problem (refused template, bad annotation, foreign Secret) will not fix itself: the object's
+/// next change brings a pass; the slow retry covers causes outside the object (a quota, a
+/// missing service account, a foreign Secret removed).
+const PROBLEM_RETRY: Duration = Duration::from_secs(15);
+
+fn next(outcome: Outcome) -> Action {
+    match outcome {
+        Outcome::Gone => Action::await_change(),
+        Outcome::Annotated => Action::requeue(Duration::from_millis(10)),
+        Outcome::Done {
+            problem: true,
+            expires_in,
+        } => Action::requeue(expires_in.map_or(PROBLEM_RETRY, |l| l.min(PROBLEM_RETRY))),
+        Outcome::Done {
+            problem: false,
+            expires_in: Some(left),
+        } => Action::requeue(left),
+        Outcome::Done { .. } => Action::await_change(),
+        Outcome::Failed => Action::requeue(Duration::from_secs(2)),
+    }
+}
+
 pub async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let result = reconcile_inner(&obj, &ctx).await;
@@ -88,78 +120,137 @@ pub async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Act
     if result.is_err() {
         m.errors.inc();
     }
-    result
+    result.map(next)
 }
 
-async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, Error> {
+pub fn error_policy(obj: Arc<DynamicObject>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(name = %obj.name_any(), %error, "reconcile failed; retrying");
+    next(Outcome::Failed)
+}
+
+/// The policy annotation's text when it is valid JSON policy; a problem when it is not.
+fn egress_policy(obj: &DynamicObject) -> Result<Option<&str>, Problem> {
+    let Some(text) = annotation(obj, names::ANNOTATION_NETWORK_POLICY) else {
+        return Ok(None);
+    };
+    match policy::parse(text) {
+        Ok(_) => Ok(Some(text)),
+        Err(e) => Err(Problem {
+            reason: "InvalidNetworkPolicy",
+            message: format!("{}: {e}", names::ANNOTATION_NETWORK_POLICY),
+        }),
+    }
+}
+
+/// Token annotations still to be written: a secure-access token when asked for, an egress
+/// token when a valid policy asks for a sidecar. Existing tokens are never replaced.
+fn missing_tokens(obj: &DynamicObject, egress: bool) -> BTreeMap<&'static str, String> {
+    let mut add = BTreeMap::new();
+    if annotation(obj, names::ANNOTATION_SECURE_ACCESS) == Some("true")
+        && annotation(obj, names::ANNOTATION_SECURE_ACCESS_TOKEN).is_none()
+    {
+        add.insert(names::ANNOTATION_SECURE_ACCESS_TOKEN, tokens::generate());
+    }
+    if egress && annotation(obj, names::ANNOTATION_EGRESS_AUTH_TOKEN).is_none() {
+        add.insert(names::ANNOTATION_EGRESS_AUTH_TOKEN, tokens::generate());
+    }
+    add
+}
+
+/// The problem of a template that would let the sandbox undo the fence: the first violation's
+/// reason, every violation in the message.
+fn fence_problem(template: Option<&Value>) -> Option<Problem> {
+    let found = fence::violations(template);
+    let first = found.first()?;
+    Some(Problem {
+        reason: first.kind.reason(),
+        message: found
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; "),
+    })
+}
+
+async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Outcome, Error> {
     if obj.metadata.deletion_timestamp.is_some() {
-        return Ok(Action::await_change());
+        return Ok(Outcome::Gone);
     }
     let name = obj
         .metadata
         .name
-        .clone()
+        .as_deref()
         .ok_or(Error::Missing("metadata.name"))?;
     let namespace = obj
         .metadata
         .namespace
-        .clone()
+        .as_deref()
         .ok_or(Error::Missing("metadata.namespace"))?;
     let uid = obj
         .metadata
         .uid
-        .clone()
+        .as_deref()
         .ok_or(Error::Missing("metadata.uid"))?;
     let api: Api<DynamicObject> =
-        Api::namespaced_with(ctx.client.clone(), &namespace, &ctx.resource);
+        Api::namespaced_with(ctx.client.clone(), namespace, &ctx.resource);
     let spec = obj.data.get("spec").cloned().unwrap_or(Value::Null);
     let previous = obj.data.get("status").cloned().unwrap_or_else(|| json!({}));
 
-    let mut problem: Option<(&str, String)> = None;
-    let mut requeue = None;
-    match expiry(&spec) {
+    let mut problem = None;
+    let expires_in = match expiry(&spec) {
         Expiry::Due => {
             tracing::info!(%namespace, %name, "expired; deleting");
-            api.delete(&name, &DeleteParams::background()).await?;
-            return Ok(Action::await_change());
+            api.delete(name, &DeleteParams::background()).await?;
+            return Ok(Outcome::Gone);
         }
-        Expiry::In(left) => requeue = Some(left),
-        Expiry::Invalid(message) => problem = Some(("InvalidExpireTime", message)),
-        Expiry::None => {}
-    }
+        Expiry::In(left) => Some(left),
+        Expiry::Invalid(message) => {
+            problem = Some(Problem {
+                reason: "InvalidExpireTime",
+                message,
+            });
+            None
+        }
+        Expiry::None => None,
+    };
+    let policy = egress_policy(obj).unwrap_or_else(|p| {
+        problem = problem.take().or(Some(p));
+        None
+    });
 
     // Tokens are written to the object first; the resulting change triggers the next pass.
-    let mut add: BTreeMap<String, String> = BTreeMap::new();
-    if annotation(obj, names::ANNOTATION_SECURE_ACCESS) == Some("true")
-        && annotation(obj, names::ANNOTATION_SECURE_ACCESS_TOKEN).is_none()
-    {
-        add.insert(
-            names::ANNOTATION_SECURE_ACCESS_TOKEN.into(),
-            tokens::generate(),
-        );
-    }
-    let policy_text = annotation(obj, names::ANNOTATION_NETWORK_POLICY);
-    if let Some(text) = policy_text {
-        match policy::parse(text) {
-            Ok(_) if annotation(obj, names::ANNOTATION_EGRESS_AUTH_TOKEN).is_none() => {
-                add.insert(
-                    names::ANNOTATION_EGRESS_AUTH_TOKEN.into(),
-                    tokens::generate(),
-                );
-            }
-            Ok(_) => {}
-            Err(e) => {
-                problem = problem.or(Some((
-                    "InvalidNetworkPolicy",
-                    format!("{}: {e}", names::ANNOTATION_NETWORK_POLICY),
-                )))
-            }
-        }
-    }
+    let add = missing_tokens(obj, policy.is_some());
     if !add.is_empty() {
         let patch = Patch::Merge(json!({"metadata": {"annotations": add}}));
-        api.patch(&name, &PatchParams::default(), &patch).await?;
-        return Ok(Action::requeue(Duration::from_millis(10)));
+        api.patch(name, &PatchParams::default(), &patch).await?;
+        return Ok(Outcome::Annotated);
+    }
+
+    let secret_name = egress::secret_name(name);
+    let mut owner = Owner {
+        api_version: &ctx.resource.api_version,
+        kind: &ctx.resource.kind,
+        name,
+        namespace,
+        uid,
+        template: spec.get("template"),
+        egress: None,
+    };
+    if let Some(policy) = policy
+        && problem.is_none()
+    {
+        problem = fence_problem(owner.template);
+        if problem.is_none() {
+            let token = annotation(obj, names::ANNOTATION_EGRESS_AUTH_TOKEN)
+                .ok_or(Error::Missing("egress token annotation"))?;
+            problem = secret::ensure(&ctx.client, &owner, token).await?;
+        }
+        owner.egress = Some(Egress {
+            policy,
+            secret: &secret_name,
+            mode: &ctx.egress_mode,
+            image: &ctx.egress_image,
+        });
     }
 
     let desired = spec
@@ -167,121 +258,14 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, E
         .and_then(Value::as_i64)
         .unwrap_or(1)
         .clamp(0, i64::from(ctx.max_replicas)) as u32;
-    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let selector = format!("{LABEL_NAME}={name}");
-    let listed = pods_api
-        .list(&ListParams::default().labels(&selector))
-        .await?;
-    let owned: Vec<&Pod> = listed
-        .items
-        .iter()
-        .filter(|p| {
-            p.owner_references()
-                .iter()
-                .any(|o| o.uid == uid && o.controller == Some(true))
-        })
-        .collect();
-    let index_of = |p: &Pod| {
-        p.labels()
-            .get(LABEL_INDEX)
-            .and_then(|i| i.parse::<u32>().ok())
-    };
-    let mut by_index: BTreeMap<u32, &Pod> = owned
-        .iter()
-        .filter_map(|p| Some((index_of(p)?, *p)))
-        .collect();
-
-    // Scale in, highest index first.
-    for (index, pod) in by_index
-        .clone()
-        .into_iter()
-        .rev()
-        .filter(|(i, _)| *i >= desired)
-    {
-        if pod.metadata.deletion_timestamp.is_none() {
-            pods_api
-                .delete(&pod.name_any(), &DeleteParams::default())
-                .await?;
-        }
-        by_index.remove(&index);
-    }
-
-    let mut created = 0u32;
-    if problem.is_none() {
-        let owner = Owner {
-            api_version: &ctx.resource.api_version,
-            kind: &ctx.resource.kind,
-            name: &name,
-            namespace: &namespace,
-            uid: &uid,
-            template: spec.get("template"),
-            secure_token: annotation(obj, names::ANNOTATION_SECURE_ACCESS_TOKEN),
-            egress: policy_text.map(|policy| Egress {
-                policy,
-                token: annotation(obj, names::ANNOTATION_EGRESS_AUTH_TOKEN).unwrap_or(""),
-                mode: &ctx.egress_mode,
-                image: &ctx.egress_image,
-            }),
-        };
-        let raw_pods: Api<DynamicObject> = Api::namespaced_with(
-            ctx.client.clone(),
-            &namespace,
-            &ApiResource::erase::<Pod>(&()),
-        );
-        for index in (0..desired).filter(|i| !by_index.contains_key(i)) {
-            let body: DynamicObject = match serde_json::from_value(pod::build(&owner, index)) {
-                Ok(b) => b,
-                Err(e) => {
-                    problem = Some((
-                        "FailedCreate",
-                        format!("template is not a pod template: {e}"),
-                    ));
-                    break;
-                }
-            };
-            match raw_pods.create(&PostParams::default(), &body).await {
-                Ok(_) => {
-                    tracing::debug!(%namespace, pod = %pod::pod_name(&name, index), "created pod");
-                    created += 1;
-                    metrics().pods_created.inc();
-                    publish(
-                        ctx,
-                        obj,
-                        EventType::Normal,
-                        "SuccessfulCreate",
-                        format!("Created pod {}", pod::pod_name(&name, index)),
-                    )
-                    .await;
-                }
-                Err(kube::Error::Api(s)) if s.code == 409 => {}
-                Err(kube::Error::Api(s)) if (400..500).contains(&s.code) => {
-                    let message = format!(
-                        "pod {} refused by the API server: {}",
-                        pod::pod_name(&name, index),
-                        s.message
-                    );
-                    publish(
-                        ctx,
-                        obj,
-                        EventType::Warning,
-                        "FailedCreate",
-                        message.clone(),
-                    )
-                    .await;
-                    problem = Some(("FailedCreate", message));
-                    break;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
+    let (pods, refused) = sync_pods(ctx, obj, &owner, desired, problem.is_none()).await?;
+    problem = problem.or(refused);
 
     // Endpoints first: the gateway must never see `ready` without an address to route to.
     let ips: Vec<String> = (0..desired)
         .map(|i| {
-            by_index
-                .get(&i)
-                .and_then(|p| status::pod_ip(p))
+            pods.get(&i)
+                .and_then(status::pod_ip)
                 .unwrap_or("")
                 .to_owned()
         })
@@ -291,10 +275,13 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, E
         let patch = Patch::Merge(
             json!({"metadata": {"annotations": {names::ANNOTATION_ENDPOINTS: encoded}}}),
         );
-        api.patch(&name, &PatchParams::default(), &patch).await?;
+        api.patch(name, &PatchParams::default(), &patch).await?;
     }
 
-    let pods: Vec<&Pod> = by_index.values().copied().collect();
+    if let Some(p) = problem.as_ref().filter(|p| !status::reports(&previous, p)) {
+        publish(ctx, obj, EventType::Warning, p.reason, &p.message).await;
+    }
+    let pods: Vec<&Pod> = pods.values().collect();
     let observed = Observed {
         generation: obj.metadata.generation.unwrap_or(0),
         desired,
@@ -304,27 +291,115 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, E
     let next = status::compute(&observed, &previous, &now());
     if status::differs(&next, &previous) {
         api.patch_status(
-            &name,
+            name,
             &PatchParams::default(),
             &Patch::Merge(json!({"status": next})),
         )
         .await?;
     }
-
-    Ok(match (problem, created, requeue) {
-        // A refused template or bad annotation will not fix itself: wait for a change, with a
-        // slow retry in case the cause was outside the object (a quota, a missing service account).
-        (Some(_), _, _) => Action::requeue(Duration::from_secs(15)),
-        (None, _, Some(left)) => Action::requeue(left),
-        (None, _, None) => Action::await_change(),
+    Ok(Outcome::Done {
+        problem: problem.is_some(),
+        expires_in,
     })
 }
 
-async fn publish(ctx: &Context, obj: &DynamicObject, type_: EventType, reason: &str, note: String) {
+/// Deletes pods beyond `desired` (highest index first) and, when `create`, creates the missing
+/// ones. Returns the live pods by index and the problem of a pod the API server refused.
+async fn sync_pods(
+    ctx: &Context,
+    obj: &DynamicObject,
+    owner: &Owner<'_>,
+    desired: u32,
+    create: bool,
+) -> Result<(BTreeMap<u32, Pod>, Option<Problem>), Error> {
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), owner.namespace);
+    let selector = format!("{LABEL_NAME}={}", owner.name);
+    let listed = pods_api
+        .list(&ListParams::default().labels(&selector))
+        .await?;
+    let mut by_index: BTreeMap<u32, Pod> = listed
+        .items
+        .into_iter()
+        .filter(|p| {
+            p.owner_references()
+                .iter()
+                .any(|o| o.uid == owner.uid && o.controller == Some(true))
+        })
+        .filter_map(|p| {
+            let index = p.labels().get(LABEL_INDEX)?.parse::<u32>().ok()?;
+            Some((index, p))
+        })
+        .collect();
+
+    let extra: Vec<u32> = by_index.range(desired..).rev().map(|(i, _)| *i).collect();
+    for index in extra {
+        if let Some(pod) = by_index.remove(&index)
+            && pod.metadata.deletion_timestamp.is_none()
+        {
+            pods_api
+                .delete(&pod.name_any(), &DeleteParams::default())
+                .await?;
+        }
+    }
+    if !create {
+        return Ok((by_index, None));
+    }
+
+    let raw_pods: Api<DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        owner.namespace,
+        &ApiResource::erase::<Pod>(&()),
+    );
+    for index in (0..desired).filter(|i| !by_index.contains_key(i)) {
+        let pod_name = pod::pod_name(owner.name, index);
+        let body: DynamicObject = match serde_json::from_value(pod::build(owner, index)) {
+            Ok(b) => b,
+            Err(e) => {
+                let message = format!("template is not a pod template: {e}");
+                return Ok((by_index, Some(failed_create(message))));
+            }
+        };
+        match raw_pods.create(&PostParams::default(), &body).await {
+            Ok(_) => {
+                tracing::debug!(namespace = %owner.namespace, pod = %pod_name, "created pod");
+                metrics().pods_created.inc();
+                let note = format!("Created pod {pod_name}");
+                publish(ctx, obj, EventType::Normal, "SuccessfulCreate", &note).await;
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(kube::Error::Api(s)) if (400..500).contains(&s.code) => {
+                let message = format!("pod {pod_name} refused by the API server: {}", s.message);
+                return Ok((by_index, Some(failed_create(message))));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok((by_index, None))
+}
+
+fn failed_create(message: String) -> Problem {
+    Problem {
+        reason: "FailedCreate",
+        message,
+    }
+}
+
+/// Longest note the API server accepts on an event.
+const NOTE_LIMIT: usize = 1024;
+
+fn note(text: &str) -> String {
+    let mut end = text.len().min(NOTE_LIMIT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+async fn publish(ctx: &Context, obj: &DynamicObject, type_: EventType, reason: &str, text: &str) {
     let event = Event {
         type_,
         reason: reason.into(),
-        note: Some(note),
+        note: Some(note(text)),
         action: "Reconcile".into(),
         secondary: None,
     };
@@ -337,14 +412,124 @@ async fn publish(ctx: &Context, obj: &DynamicObject, type_: EventType, reason: &
     }
 }
 
-pub fn error_policy(obj: Arc<DynamicObject>, error: &Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(name = %obj.name_any(), %error, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(2))
-}
-
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn object(annotations: Value) -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "sandbox.opensandbox.io/v1alpha1", "kind": "BatchSandbox",
+            "metadata": {"name": "bs", "annotations": annotations},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn one_place_decides_requeues() {
+        let secs = next;
+        assert_eq!(secs(Outcome::Gone), Action::await_change());
+        assert_eq!(
+            secs(Outcome::Done {
+                problem: false,
+                expires_in: None
+            }),
+            Action::await_change()
+        );
+        let left = Duration::from_secs(40);
+        assert_eq!(
+            secs(Outcome::Done {
+                problem: false,
+                expires_in: Some(left)
+            }),
+            Action::requeue(left)
+        );
+        assert_eq!(
+            secs(Outcome::Done {
+                problem: true,
+                expires_in: Some(left)
+            }),
+            Action::requeue(PROBLEM_RETRY),
+            "a problem is retried slowly, never in a hot loop"
+        );
+        assert_eq!(
+            secs(Outcome::Done {
+                problem: true,
+                expires_in: Some(Duration::from_secs(3))
+            }),
+            Action::requeue(Duration::from_secs(3)),
+            "a refused sandbox still expires on time"
+        );
+        assert_eq!(
+            secs(Outcome::Failed),
+            Action::requeue(Duration::from_secs(2))
+        );
+    }
+
+    #[test]
+    fn tokens_are_asked_for_once() {
+        let add = missing_tokens(
+            &object(json!({"opensandbox.io/secure-access": "true"})),
+            true,
+        );
+        assert_eq!(
+            add.keys().copied().collect::<Vec<_>>(),
+            [
+                names::ANNOTATION_EGRESS_AUTH_TOKEN,
+                names::ANNOTATION_SECURE_ACCESS_TOKEN
+            ]
+        );
+        let done = object(json!({
+            "opensandbox.io/secure-access": "true",
+            "opensandbox.io/secure-access-token": "a",
+            "opensandbox.io/egress-auth-token": "b",
+        }));
+        assert!(missing_tokens(&done, true).is_empty());
+        assert!(missing_tokens(&object(json!({})), false).is_empty());
+    }
+
+    #[test]
+    fn policy_annotation() {
+        assert_eq!(egress_policy(&object(json!({}))), Ok(None));
+        let ok = r#"{"defaultAction":"deny"}"#;
+        let obj = object(json!({"opensandbox.io/network-policy": ok}));
+        assert_eq!(egress_policy(&obj), Ok(Some(ok)));
+        let bad = object(json!({"opensandbox.io/network-policy": "{not json"}));
+        assert_eq!(
+            egress_policy(&bad).unwrap_err().reason,
+            "InvalidNetworkPolicy"
+        );
+    }
+
+    #[test]
+    fn fence_problem_names_every_field() {
+        assert_eq!(
+            fence_problem(Some(&json!({"spec": {"containers": [{"name": "main"}]}}))),
+            None
+        );
+        let template = json!({"spec": {"hostPID": true, "containers": [{"name": "egress"}]}});
+        let p = fence_problem(Some(&template)).unwrap();
+        assert_eq!(p.reason, "HostPID");
+        assert!(
+            p.message.contains("spec.template.spec.hostPID: true"),
+            "{}",
+            p.message
+        );
+        assert!(
+            p.message
+                .contains("; spec.template.spec.containers[0].name: \"egress\""),
+            "{}",
+            p.message
+        );
+    }
+
+    #[test]
+    fn notes_fit_the_event_limit() {
+        assert_eq!(note("short"), "short");
+        let long = "é".repeat(NOTE_LIMIT);
+        let cut = note(&long);
+        assert!(cut.len() <= NOTE_LIMIT && cut.chars().all(|c| c == 'é'));
+    }
 
     #[test]
     fn expiry_forms() {

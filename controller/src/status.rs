@@ -81,13 +81,39 @@ fn condition(
     json!({"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": since})
 }
 
+/// Something that stops the controller itself from making the sandbox (a refused template, a
+/// bad annotation, a pod the API server refuses); it will not go away without a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Condition and event reason, e.g. `ForbiddenCapability`.
+    pub reason: &'static str,
+    /// Names the field or object at fault.
+    pub message: String,
+}
+
+/// Whether `previous` already reports `problem`, so it has been announced.
+pub fn reports(previous: &Value, problem: &Problem) -> bool {
+    previous
+        .get("conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c["type"] == "PodFailed"
+                    && c["status"] == "True"
+                    && c["reason"] == problem.reason
+                    && c["message"] == problem.message.as_str()
+            })
+        })
+}
+
 pub struct Observed<'a> {
     pub generation: i64,
     pub desired: u32,
     /// Pods that exist, by index.
     pub pods: &'a [&'a Pod],
-    /// A problem that stops the controller itself (pod creation refused, bad policy, bad expireTime).
-    pub problem: Option<(&'a str, String)>,
+    /// A problem that stops the controller itself (pod creation refused, bad policy, bad
+    /// expireTime, a template that breaks the egress fence).
+    pub problem: Option<Problem>,
 }
 
 /// The status to write, given what was observed and the previous status.
@@ -100,7 +126,10 @@ pub fn compute(observed: &Observed<'_>, previous: &Value, now: &str) -> Value {
             .pods
             .iter()
             .find_map(|p| pod_failure(p))
-            .map(|m| ("PodFailed", m))
+            .map(|message| Problem {
+                reason: "PodFailed",
+                message,
+            })
     });
     let all_ready = ready >= observed.desired as usize;
     let phase = if failure.is_some() {
@@ -132,8 +161,15 @@ pub fn compute(observed: &Observed<'_>, previous: &Value, now: &str) -> Value {
             now,
         ),
     ];
-    if let Some((reason, message)) = &failure {
-        conditions.push(condition(previous, "PodFailed", true, reason, message, now));
+    if let Some(p) = &failure {
+        conditions.push(condition(
+            previous,
+            "PodFailed",
+            true,
+            p.reason,
+            &p.message,
+            now,
+        ));
     }
     json!({
         "observedGeneration": observed.generation,
@@ -177,6 +213,36 @@ mod tests {
             },
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_problem_fails_the_sandbox_and_is_reported_once() {
+        let problem = Problem {
+            reason: "HostNetwork",
+            message: "spec.template.spec.hostNetwork: true would put the sandbox outside the egress fence".into(),
+        };
+        let observed = Observed {
+            generation: 1,
+            desired: 1,
+            pods: &[],
+            problem: Some(problem.clone()),
+        };
+        let s = compute(&observed, &json!({}), "t0");
+        assert_eq!(s["phase"], "Failed");
+        assert_eq!(
+            (
+                s["conditions"][2]["type"].as_str(),
+                s["conditions"][2]["reason"].as_str()
+            ),
+            (Some("PodFailed"), Some("HostNetwork"))
+        );
+        assert!(!reports(&json!({}), &problem));
+        assert!(reports(&s, &problem));
+        let other = Problem {
+            reason: "HostNetwork",
+            message: "spec.template.spec.hostNetwork: true (changed)".into(),
+        };
+        assert!(!reports(&s, &other), "a changed message is news");
     }
 
     #[test]

@@ -8,7 +8,7 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use support::client::get;
@@ -64,6 +64,17 @@ impl Controller {
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    fn metric(&self, name: &str) -> f64 {
+        let addr = format!("127.0.0.1:{}", self.health).parse().unwrap();
+        let body = support::client::blocking_get(addr, "/metrics")
+            .unwrap()
+            .body_text();
+        body.lines()
+            .find(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(' ')))
+            .and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no metric {name}"))
+    }
 }
 
 impl Drop for Controller {
@@ -105,6 +116,11 @@ impl Env {
 
     /// Whether namespace `ns` holds an event with `reason`.
     fn has_event(&self, ns: &str, reason: &str) -> bool {
+        !self.event_notes(ns, reason).is_empty()
+    }
+
+    /// Notes of the events with `reason` in namespace `ns`, about any object.
+    fn event_notes(&self, ns: &str, reason: &str) -> Vec<(String, String)> {
         let events = self
             .block(
                 Api::<k8s_openapi::api::events::v1::Event>::namespaced(
@@ -116,8 +132,17 @@ impl Env {
             .unwrap();
         events
             .items
-            .iter()
-            .any(|e| e.reason.as_deref() == Some(reason))
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .map(|e| {
+                let about = e.regarding.and_then(|r| r.name).unwrap_or_default();
+                (about, e.note.unwrap_or_default())
+            })
+            .collect()
+    }
+
+    fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.plane.client.clone(), &self.ns)
     }
 
     fn block<F: std::future::Future>(&self, f: F) -> F::Output {
@@ -244,6 +269,18 @@ fn end_to_end_controller_to_gateway() {
     assert_eq!(spec.termination_grace_period_seconds, Some(7));
     assert_eq!(spec.hostname.as_deref(), Some("sandbox-host"));
     assert_eq!(spec.containers[0].args.clone().unwrap(), ["--serve"]);
+    // Without egress the fence is not applied: the template's containers are as written.
+    assert_eq!(spec.init_containers, None);
+    let caps = spec.containers[0]
+        .security_context
+        .clone()
+        .unwrap()
+        .capabilities
+        .unwrap();
+    assert_eq!(
+        (caps.add.unwrap(), caps.drop),
+        (vec!["NET_ADMIN".to_owned(), "SYS_PTRACE".to_owned()], None)
+    );
 
     let (up3, up4) = support::upstream::pair();
     let (ip3, ip4, port) = (up3.addr.ip(), up4.addr.ip(), up3.addr.port());
@@ -397,22 +434,10 @@ fn bad_templates_and_policies_fail_clearly() {
         env.has_event("bad", "FailedCreate"),
         "no FailedCreate event"
     );
-    let reconciles = |c: &Controller| {
-        let body = support::client::blocking_get(
-            format!("127.0.0.1:{}", c.health).parse().unwrap(),
-            "/metrics",
-        )
-        .unwrap()
-        .body_text();
-        body.lines()
-            .find(|l| l.starts_with("sandbox_controller_reconciles_total "))
-            .and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok())
-            .unwrap()
-    };
-    let before = reconciles(&controller);
+    let before = controller.metric("sandbox_controller_reconciles_total");
     std::thread::sleep(Duration::from_secs(3));
     assert!(
-        reconciles(&controller) - before < 5.0,
+        controller.metric("sandbox_controller_reconciles_total") - before < 5.0,
         "hot loop on a refused template"
     );
 
@@ -443,6 +468,7 @@ fn bad_templates_and_policies_fail_clearly() {
         .is_err(),
         "schema rejects a non-RFC 3339 expireTime"
     );
+    fence_refusals(&env, &controller);
 }
 
 #[test]
@@ -476,16 +502,142 @@ fn expiry_and_renewal() {
     );
 }
 
+/// A template for an egress-managed sandbox: one init container and one container, neither
+/// asking for anything the fence refuses.
+fn fenced_template() -> Value {
+    json!({
+        "metadata": {"labels": {"app": "sandbox"}},
+        "spec": {
+            "initContainers": [{"name": "setup", "image": "sandbox:latest",
+                "securityContext": {"capabilities": {"drop": ["CHOWN"]}}}],
+            "containers": [{"name": "main", "image": "sandbox:latest",
+                "securityContext": {"runAsUser": 1000, "capabilities": {"add": ["SYS_PTRACE"]}}}],
+        },
+    })
+}
+
+const POLICY: &str =
+    r#"{"defaultAction":"deny","egress":[{"action":"allow","target":"*.pypi.org"}]}"#;
+
+/// Everything the fence demands of an injected pod, and no token anywhere in it.
+fn assert_fenced(pod: &Pod, secret: &str, tokens: &[&str]) {
+    let json = serde_json::to_string(pod).unwrap();
+    for token in tokens {
+        assert!(!json.contains(token), "a token is in the pod: {json}");
+    }
+    let spec = pod.spec.clone().unwrap();
+    let init = spec.init_containers.clone().unwrap();
+    assert_eq!(init.len(), 2, "sidecar + the template's init container");
+    let sidecar = &init[0];
+    assert_eq!(
+        (
+            sidecar.name.as_str(),
+            sidecar.image.as_deref(),
+            sidecar.restart_policy.as_deref()
+        ),
+        ("egress", Some("egress:test"), Some("Always")),
+        "the sidecar is a native sidecar started before everything else"
+    );
+    assert_eq!(init[1].name, "setup");
+    let startup = sidecar.startup_probe.clone().expect("startup probe");
+    let get = startup.http_get.clone().unwrap();
+    assert_eq!(get.path.as_deref(), Some("/healthz"));
+    assert_eq!(
+        get.port,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(18080)
+    );
+    assert_eq!(startup.period_seconds, Some(1));
+    assert!(startup.failure_threshold.unwrap() >= 60);
+    for probe in [
+        sidecar.startup_probe.clone(),
+        sidecar.readiness_probe.clone(),
+    ] {
+        let get = probe.unwrap().http_get.unwrap();
+        assert_eq!(get.path.as_deref(), Some("/healthz"));
+        assert_eq!(get.http_headers, None, "probes carry no token header");
+    }
+    let env_var = |n: &str| {
+        sidecar
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .find(|e| e.name == n)
+            .unwrap_or_else(|| panic!("no {n}"))
+    };
+    assert_eq!(
+        env_var("OPENSANDBOX_EGRESS_RULES").value.as_deref(),
+        Some(POLICY)
+    );
+    assert_eq!(
+        env_var("OPENSANDBOX_EGRESS_MODE").value.as_deref(),
+        Some("dns+nft"),
+        "the default mode enforces addresses too"
+    );
+    assert_eq!(
+        env_var("OPENSANDBOX_EGRESS_POLICY_FILE").value.as_deref(),
+        Some("/var/egress/state/policy.json")
+    );
+    let token = env_var("OPENSANDBOX_EGRESS_TOKEN");
+    assert_eq!(token.value, None);
+    let reference = token.value_from.unwrap().secret_key_ref.unwrap();
+    assert_eq!(
+        (reference.name.as_str(), reference.key.as_str()),
+        (secret, "token")
+    );
+    let caps = sidecar
+        .security_context
+        .clone()
+        .unwrap()
+        .capabilities
+        .unwrap();
+    assert_eq!(caps.add.unwrap(), ["NET_ADMIN"]);
+    assert!(
+        spec.volumes
+            .unwrap()
+            .iter()
+            .any(|v| v.name == "egress-state" && v.empty_dir.is_some())
+    );
+    let sandbox_containers = init[1..].iter().chain(spec.containers.iter());
+    for c in sandbox_containers {
+        let sc = c.security_context.clone().unwrap();
+        let drop = sc.capabilities.clone().unwrap().drop.unwrap();
+        for cap in ["NET_ADMIN", "NET_RAW"] {
+            assert!(
+                drop.contains(&cap.to_owned()),
+                "{} keeps {cap}: {drop:?}",
+                c.name
+            );
+        }
+    }
+    assert_eq!(spec.containers.len(), 1);
+    let main = spec.containers[0].security_context.clone().unwrap();
+    assert_eq!(
+        main.run_as_user,
+        Some(1000),
+        "the rest of the context is kept"
+    );
+    assert_eq!(main.capabilities.unwrap().add.unwrap(), ["SYS_PTRACE"]);
+    let setup_drop = init[1]
+        .security_context
+        .clone()
+        .unwrap()
+        .capabilities
+        .unwrap()
+        .drop
+        .unwrap();
+    assert_eq!(setup_drop, ["CHOWN", "NET_ADMIN", "NET_RAW"]);
+}
+
 #[test]
 fn access_and_egress_provisioned_exactly_once() {
     let env = Env::new("access");
-    let policy = r#"{"defaultAction":"deny","egress":[{"action":"allow","target":"*.pypi.org"}]}"#;
     let annotations =
-        json!({"opensandbox.io/secure-access": "true", "opensandbox.io/network-policy": policy});
+        json!({"opensandbox.io/secure-access": "true", "opensandbox.io/network-policy": POLICY});
     let first = Controller::start(&env.plane, &[]);
     env.create(
         "bs",
-        json!({"replicas": 1, "template": template()}),
+        json!({"replicas": 1, "template": fenced_template()}),
         annotations,
     )
     .unwrap();
@@ -497,57 +649,37 @@ fn access_and_egress_provisioned_exactly_once() {
     let token = ann["opensandbox.io/secure-access-token"].clone();
     let egress_token = ann["opensandbox.io/egress-auth-token"].clone();
     assert_eq!((token.len(), egress_token.len()), (32, 32));
+    assert_fenced(&pod, "bs-egress-token", &[&token, &egress_token]);
+
+    // The token lives in a Secret the BatchSandbox controls (garbage-collected with it).
+    let secret = env.block(env.secrets().get("bs-egress-token")).unwrap();
+    let owner = &secret.metadata.owner_references.clone().unwrap()[0];
     assert_eq!(
-        pod.metadata.annotations.clone().unwrap()["opensandbox.io/secure-access-token"],
-        token
+        (
+            owner.kind.as_str(),
+            owner.name.as_str(),
+            owner.uid.as_str(),
+            owner.controller
+        ),
+        (
+            "BatchSandbox",
+            "bs",
+            obj.metadata.uid.as_deref().unwrap(),
+            Some(true)
+        )
     );
-    let containers = pod.spec.clone().unwrap().containers;
-    assert_eq!(containers.len(), 2);
-    let sidecar = &containers[1];
-    assert_eq!(
-        (sidecar.name.as_str(), sidecar.image.as_deref()),
-        ("egress", Some("egress:test"))
-    );
-    let env_of = |n: &str| {
-        sidecar
-            .env
-            .clone()
-            .unwrap()
-            .into_iter()
-            .find(|e| e.name == n)
-            .and_then(|e| e.value)
-    };
-    assert_eq!(env_of("OPENSANDBOX_EGRESS_RULES").as_deref(), Some(policy));
-    assert_eq!(
-        env_of("OPENSANDBOX_EGRESS_TOKEN"),
-        Some(egress_token.clone())
-    );
-    assert_eq!(env_of("OPENSANDBOX_EGRESS_MODE").as_deref(), Some("dns"));
-    assert!(
-        sidecar
-            .security_context
-            .clone()
-            .unwrap()
-            .capabilities
-            .unwrap()
-            .add
-            .unwrap()
-            .contains(&"NET_ADMIN".into())
-    );
-    let main_caps = containers[0]
-        .security_context
-        .clone()
-        .unwrap()
-        .capabilities
-        .unwrap()
-        .add
+    let stored = |s: &Secret| s.data.clone().unwrap()["token"].0.clone();
+    assert_eq!(stored(&secret), egress_token.as_bytes());
+
+    // A deleted Secret comes back with the same token.
+    env.block(env.secrets().delete("bs-egress-token", &Default::default()))
         .unwrap();
-    assert_eq!(main_caps, ["SYS_PTRACE"]);
-    let probe = sidecar.readiness_probe.clone().unwrap().http_get.unwrap();
-    assert_eq!(
-        probe.http_headers.unwrap()[0].name,
-        "OPENSANDBOX-EGRESS-AUTH"
-    );
+    let back = eventually("secret recreated", Duration::from_secs(20), || {
+        env.block(env.secrets().get_opt("bs-egress-token"))
+            .unwrap()
+            .filter(|s| s.metadata.uid != secret.metadata.uid)
+    });
+    assert_eq!(stored(&back), egress_token.as_bytes());
 
     // Restarts and repeated reconciles change nothing.
     drop(first);
@@ -563,7 +695,248 @@ fn access_and_egress_provisioned_exactly_once() {
     let ann = env.get("bs").unwrap().metadata.annotations.unwrap();
     assert_eq!(ann["opensandbox.io/secure-access-token"], token);
     assert_eq!(ann["opensandbox.io/egress-auth-token"], egress_token);
-    assert_eq!(recreated.spec.unwrap().containers.len(), 2);
+    assert_fenced(&recreated, "bs-egress-token", &[&token, &egress_token]);
+    let kept = env.block(env.secrets().get("bs-egress-token")).unwrap();
+    assert_eq!(kept.metadata.uid, back.metadata.uid);
+    assert_eq!(stored(&kept), egress_token.as_bytes());
+}
+
+/// Each template the fence refuses, by BatchSandbox name: (template spec, condition reason,
+/// the field the condition and the event must name).
+fn refused_templates() -> Vec<(&'static str, Value, &'static str, &'static str)> {
+    let main = |extra: Value| {
+        let mut c = json!({"name": "main", "image": "sandbox:latest"});
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        c
+    };
+    let setup = json!({"name": "setup", "image": "sandbox:latest"});
+    vec![
+        (
+            "privileged",
+            json!({"containers": [main(json!({"securityContext": {"privileged": true}}))]}),
+            "PrivilegedContainer",
+            "spec.template.spec.containers[0].securityContext.privileged",
+        ),
+        (
+            "init-privileged",
+            json!({"initContainers": [main(json!({"name": "setup", "securityContext": {"privileged": true}}))],
+                "containers": [main(json!({}))]}),
+            "PrivilegedContainer",
+            "spec.template.spec.initContainers[0].securityContext.privileged",
+        ),
+        (
+            "cap-sys-admin",
+            json!({"initContainers": [setup.clone(), main(json!({"name": "more", "securityContext": {"capabilities": {"add": ["cap_sys_admin"]}}}))],
+                "containers": [main(json!({}))]}),
+            "ForbiddenCapability",
+            "spec.template.spec.initContainers[1].securityContext.capabilities.add[0]",
+        ),
+        (
+            "cap-all",
+            json!({"containers": [main(json!({"securityContext": {"capabilities": {"add": ["SYS_PTRACE", "all"]}}}))]}),
+            "ForbiddenCapability",
+            "spec.template.spec.containers[0].securityContext.capabilities.add[1]",
+        ),
+        (
+            "cap-net-admin",
+            json!({"containers": [main(json!({"securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}))]}),
+            "ForbiddenCapability",
+            "spec.template.spec.containers[0].securityContext.capabilities.add[0]",
+        ),
+        (
+            "cap-net-raw",
+            json!({"containers": [main(json!({"securityContext": {"capabilities": {"add": ["CAP_NET_RAW"]}}}))]}),
+            "ForbiddenCapability",
+            "spec.template.spec.containers[0].securityContext.capabilities.add[0]",
+        ),
+        (
+            "host-network",
+            json!({"hostNetwork": true, "containers": [main(json!({}))]}),
+            "HostNetwork",
+            "spec.template.spec.hostNetwork",
+        ),
+        (
+            "host-pid",
+            json!({"hostPID": true, "containers": [main(json!({}))]}),
+            "HostPID",
+            "spec.template.spec.hostPID",
+        ),
+        (
+            "shared-pid",
+            json!({"shareProcessNamespace": true, "containers": [main(json!({}))]}),
+            "SharedProcessNamespace",
+            "spec.template.spec.shareProcessNamespace",
+        ),
+        (
+            "named-egress",
+            json!({"containers": [main(json!({})), main(json!({"name": "egress"}))]}),
+            "ReservedContainerName",
+            "spec.template.spec.containers[1].name",
+        ),
+        (
+            "init-named-egress",
+            json!({"initContainers": [main(json!({"name": "egress"}))], "containers": [main(json!({}))]}),
+            "ReservedContainerName",
+            "spec.template.spec.initContainers[0].name",
+        ),
+        (
+            "state-volume",
+            json!({"volumes": [{"name": "egress-state", "emptyDir": {}}], "containers": [main(json!({}))]}),
+            "ReservedVolumeName",
+            "spec.template.spec.volumes[0].name",
+        ),
+        (
+            "state-mount",
+            json!({"volumes": [{"name": "data", "emptyDir": {}}],
+                "containers": [main(json!({"volumeMounts": [{"name": "data", "mountPath": "/var/egress/state/"}]}))]}),
+            "ReservedMount",
+            "spec.template.spec.containers[0].volumeMounts[0].mountPath",
+        ),
+        (
+            "state-mount-name",
+            json!({"initContainers": [main(json!({"name": "setup", "volumeMounts": [{"name": "egress-state", "mountPath": "/state"}]}))],
+                "containers": [main(json!({}))]}),
+            "ReservedMount",
+            "spec.template.spec.initContainers[0].volumeMounts[0].name",
+        ),
+    ]
+}
+
+/// Every template of [`refused_templates`] and a planted Secret are refused: no pod, a
+/// condition and one event naming the field, no hot loop; fixing the template lifts it.
+fn fence_refusals(env: &Env, controller: &Controller) {
+    // A Secret of the reserved name that the BatchSandbox does not control.
+    let planted: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "planted-egress-token"},
+        "stringData": {"token": "chosen-by-someone-else"},
+    }))
+    .unwrap();
+    env.block(env.secrets().create(&PostParams::default(), &planted))
+        .unwrap();
+    let policy = json!({"opensandbox.io/network-policy": POLICY});
+    let cases = refused_templates();
+    for (name, spec, _, _) in &cases {
+        env.create(
+            name,
+            json!({"replicas": 1, "template": {"spec": spec}}),
+            policy.clone(),
+        )
+        .unwrap();
+    }
+    env.create(
+        "planted",
+        json!({"replicas": 1, "template": fenced_template()}),
+        policy.clone(),
+    )
+    .unwrap();
+    // The same templates without egress are not the fence's business.
+    env.create(
+        "no-egress",
+        json!({"replicas": 1, "template": {"spec": cases[0].1}}),
+        json!({}),
+    )
+    .unwrap();
+
+    let condition = |name: &str| {
+        eventually(&format!("{name} Failed"), Duration::from_secs(30), || {
+            let status = env.get(name)?.data["status"].clone();
+            (status["phase"] == "Failed").then_some(())?;
+            status["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == "PodFailed" && c["status"] == "True")
+                .cloned()
+        })
+    };
+    let mut expected: Vec<(&str, &str, String)> = cases
+        .iter()
+        .map(|(name, _, reason, field)| (*name, *reason, (*field).to_owned()))
+        .collect();
+    expected.push((
+        "planted",
+        "ForeignEgressSecret",
+        "\"planted-egress-token\"".into(),
+    ));
+    for (name, reason, field) in &expected {
+        let c = condition(name);
+        let message = c["message"].as_str().unwrap();
+        assert_eq!(c["reason"], *reason, "{name}: {c}");
+        assert!(message.contains(field.as_str()), "{name}: {message}");
+        let notes = eventually(&format!("{name} event"), Duration::from_secs(10), || {
+            let notes: Vec<String> = env
+                .event_notes(&env.ns, reason)
+                .into_iter()
+                .filter(|(about, _)| about == name)
+                .map(|(_, note)| note)
+                .collect();
+            (!notes.is_empty()).then_some(notes)
+        });
+        assert!(
+            notes.iter().all(|n| n.contains(field.as_str())),
+            "{name}: {notes:?}"
+        );
+    }
+    let c = condition("cap-sys-admin");
+    assert_eq!(
+        c["message"],
+        r#"spec.template.spec.initContainers[1].securityContext.capabilities.add[0]: "cap_sys_admin" would let the sandbox undo the egress fence"#
+    );
+    eventually("the pod without egress", Duration::from_secs(20), || {
+        (env.pod_names("no-egress").len() == 1).then_some(())
+    });
+
+    // No pod, no Secret for a refused template; the planted Secret is left as it was.
+    for (name, _, _) in &expected {
+        assert_eq!(
+            env.pod_names(name),
+            Vec::<String>::new(),
+            "{name} got a pod"
+        );
+    }
+    let secrets = env.block(env.secrets().list(&Default::default())).unwrap();
+    let names: Vec<_> = secrets
+        .items
+        .iter()
+        .filter_map(|s| s.metadata.name.clone())
+        .collect();
+    assert_eq!(names, ["planted-egress-token"]);
+    assert_eq!(
+        secrets.items[0].data.clone().unwrap()["token"].0,
+        b"chosen-by-someone-else"
+    );
+    assert_eq!(secrets.items[0].metadata.owner_references, None);
+
+    // Refusals settle: no hot loop, one event each.
+    // At most one slow retry each may fall into the window; a hot loop would be hundreds.
+    let before = controller.metric("sandbox_controller_reconciles_total");
+    std::thread::sleep(Duration::from_secs(2));
+    let during = controller.metric("sandbox_controller_reconciles_total") - before;
+    assert!(
+        during <= expected.len() as f64 + 2.0,
+        "{during} reconciles in 2 s of {} refusals",
+        expected.len()
+    );
+    for (name, reason, _) in &expected {
+        let count = env
+            .event_notes(&env.ns, reason)
+            .iter()
+            .filter(|(about, _)| about == name)
+            .count();
+        assert_eq!(count, 1, "{name}: one Warning event per refusal");
+    }
+
+    // Fixing the template lifts the refusal.
+    env.patch_spec(
+        "host-network",
+        json!({"template": {"spec": {"hostNetwork": false}}}),
+    );
+    eventually(
+        "fixed template gets its pod",
+        Duration::from_secs(20),
+        || (env.pod_names("host-network").len() == 1).then_some(()),
+    );
 }
 
 #[test]
