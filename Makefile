@@ -1,4 +1,4 @@
-.PHONY: demo test bench scale k8s-bench dns-bench
+.PHONY: demo test bench scale k8s-bench dns-bench controller-bench
 
 # Quick start: gateway + demo upstream on the bundled example sandboxes.
 demo:
@@ -23,3 +23,7 @@ k8s-bench:
 # Egress sidecar: DNS latency and q/s through the proxy vs dnsmasq directly, policy evaluation cost.
 dns-bench:
 	loadtest/dns.sh
+
+# BatchSandbox controller vs the reference controller: create → pod, pod Ready → endpoints, CPU.
+controller-bench:
+	loadtest/controller.sh
