@@ -54,10 +54,10 @@ struct Config {
     /// Address of the health and metrics listeners.
     #[arg(long, default_value = "0.0.0.0")]
     bind: IpAddr,
-    /// Port of `/healthz` and `/readyz` (and `/metrics`).
+    /// Port of `/healthz` and `/readyz` (and `/metrics`); 0 picks a free one (logged).
     #[arg(long, default_value_t = 8081)]
     health_port: u16,
-    /// Port of `/metrics`.
+    /// Port of `/metrics`; 0 picks a free one (logged).
     #[arg(long, default_value_t = 8080)]
     metrics_port: u16,
     /// Reconcile only while holding the leader lease.
@@ -142,11 +142,16 @@ async fn run(config: Config) -> Result<(), String> {
     let _ = metrics::metrics();
     let client = client(&config).await?;
     let health = Arc::new(health::Health::default());
-    for port in [config.health_port, config.metrics_port] {
-        let listener = tokio::net::TcpListener::bind(SocketAddr::new(config.bind, port))
+    for (listener, port) in [
+        ("health", config.health_port),
+        ("metrics", config.metrics_port),
+    ] {
+        let socket = tokio::net::TcpListener::bind(SocketAddr::new(config.bind, port))
             .await
             .map_err(|e| format!("cannot listen on port {port}: {e}"))?;
-        tokio::spawn(health::serve(listener, health.clone()));
+        let addr = socket.local_addr().map_err(|e| e.to_string())?;
+        tracing::info!(listener, %addr, "listening");
+        tokio::spawn(health::serve(socket, health.clone()));
     }
     health.ready.store(true, Ordering::Release);
 

@@ -5,6 +5,7 @@
 #[path = "../../gateway/tests/support/mod.rs"]
 mod support;
 
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use support::client::get;
 use support::k8s::{ControlPlane, batch_resource};
-use support::{GatewayOptions, TempDir, free_port};
+use support::{GatewayOptions, TempDir};
 
 const LABEL_NAME: &str = "batch-sandbox.sandbox.opensandbox.io/name";
 const LABEL_INDEX: &str = "batch-sandbox.sandbox.opensandbox.io/pod-index";
@@ -21,7 +22,8 @@ const LABEL_INDEX: &str = "batch-sandbox.sandbox.opensandbox.io/pod-index";
 struct Controller {
     child: Child,
     log: std::path::PathBuf,
-    health: u16,
+    /// Where `/healthz`, `/readyz` and `/metrics` answer (the controller picked the port).
+    health: SocketAddr,
     _dir: TempDir,
 }
 
@@ -29,7 +31,8 @@ impl Controller {
     fn start(plane: &ControlPlane, extra: &[&str]) -> Self {
         let dir = TempDir::new();
         let log = dir.path().join("controller.log");
-        let health = free_port();
+        // Port 0: the controller binds and logs the address, so no port is released and
+        // bound again.
         let child = Command::new(env!("CARGO_BIN_EXE_sandbox-controller"))
             .arg("--kubeconfig")
             .arg(&plane.kubeconfig)
@@ -37,9 +40,9 @@ impl Controller {
                 "--bind",
                 "127.0.0.1",
                 "--health-port",
-                &health.to_string(),
+                "0",
                 "--metrics-port",
-                &free_port().to_string(),
+                "0",
             ])
             .args([
                 "--lease-duration-seconds",
@@ -53,12 +56,20 @@ impl Controller {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start sandbox-controller");
-        Controller {
+        let mut controller = Controller {
             child,
             log,
-            health,
+            health: SocketAddr::from(([127, 0, 0, 1], 0)),
             _dir: dir,
-        }
+        };
+        controller.health = eventually("health listener", Duration::from_secs(20), || {
+            controller.log_text().lines().find_map(|line| {
+                let entry: Value = serde_json::from_str(line).ok()?;
+                (entry["message"] == "listening" && entry["listener"] == "health")
+                    .then(|| entry["addr"].as_str()?.parse().ok())?
+            })
+        });
+        controller
     }
 
     fn log_text(&self) -> String {
@@ -66,8 +77,7 @@ impl Controller {
     }
 
     fn metric(&self, name: &str) -> f64 {
-        let addr = format!("127.0.0.1:{}", self.health).parse().unwrap();
-        let body = support::client::blocking_get(addr, "/metrics")
+        let body = support::client::blocking_get(self.health, "/metrics")
             .unwrap()
             .body_text();
         body.lines()
@@ -215,14 +225,25 @@ impl Env {
     }
 }
 
-fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+fn eventually<T>(what: &str, limit: Duration, f: impl FnMut() -> Option<T>) -> T {
+    eventually_every(what, limit, Duration::from_millis(50), f)
+}
+
+/// `eventually`, asking every `every`: listing a thousand objects is itself work that would
+/// slow down the controller under test.
+fn eventually_every<T>(
+    what: &str,
+    limit: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
             return v;
         }
         assert!(start.elapsed() < limit, "{what} not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(every);
     }
 }
 
@@ -943,8 +964,10 @@ fn fence_refusals(env: &Env, controller: &Controller) {
 fn standby_takes_over_when_the_leader_dies() {
     let env = Env::new("leader");
     let mut a = Controller::start(&env.plane, &["--identity", "a"]);
-    std::thread::sleep(Duration::from_secs(1));
-    let _b = Controller::start(&env.plane, &["--identity", "b"]);
+    eventually("a leads", Duration::from_secs(20), || {
+        a.log_text().contains("became leader").then_some(())
+    });
+    let b = Controller::start(&env.plane, &["--identity", "b"]);
     env.create(
         "first",
         json!({"replicas": 1, "template": template()}),
@@ -954,7 +977,16 @@ fn standby_takes_over_when_the_leader_dies() {
     eventually("leader reconciles", Duration::from_secs(20), || {
         (env.pod_names("first").len() == 1).then_some(())
     });
-    assert!(a.log_text().contains("became leader"));
+    // Longer than a lease (3 s): a live leader keeps renewing, so the standby never takes over.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(!b.log_text().contains("became leader"), "{}", b.log_text());
+    assert_eq!(b.metric("sandbox_controller_leader"), 0.0);
+    assert_eq!(
+        b.metric("sandbox_controller_reconciles_total"),
+        0.0,
+        "the standby reconciled while the leader lived"
+    );
+    assert_eq!(a.metric("sandbox_controller_leader"), 1.0);
     let _ = a.child.kill();
     let _ = a.child.wait();
     let killed = Instant::now();
@@ -967,13 +999,20 @@ fn standby_takes_over_when_the_leader_dies() {
     eventually("standby reconciles", Duration::from_secs(20), || {
         (env.pod_names("second").len() == 1).then_some(())
     });
-    eprintln!("standby took over after {:?}", killed.elapsed());
+    let took = killed.elapsed();
+    // The lease runs out at most 3 s after the kill; the standby tries every 0.6 s.
+    assert!(
+        took < Duration::from_secs(8),
+        "takeover took {took:?} with a 3 s lease"
+    );
+    assert!(b.log_text().contains("became leader"));
+    eprintln!("standby took over after {took:?}");
 }
 
 #[test]
 fn thousand_sandboxes() {
     let env = Env::new("many");
-    let _controller = Controller::start(&env.plane, &[]);
+    let controller = Controller::start(&env.plane, &[]);
     let n = 1000;
     let start = Instant::now();
     env.plane.create_many(&env.ns, n, |i| {
@@ -982,13 +1021,15 @@ fn thousand_sandboxes() {
             "spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "main", "image": "sandbox:latest"}]}}},
         })
     });
-    let all_pods = || {
-        env.block(env.pods().list(&ListParams::default().labels(LABEL_NAME)))
-            .unwrap()
-            .items
-    };
-    eventually("all pods created", Duration::from_secs(120), || {
-        (all_pods().len() == n).then_some(())
+    let poll = Duration::from_millis(500);
+    eventually_every("all pods created", Duration::from_secs(120), poll, || {
+        let pods = env
+            .block(
+                env.pods()
+                    .list_metadata(&ListParams::default().labels(LABEL_NAME)),
+            )
+            .unwrap();
+        (pods.items.len() == n).then_some(())
     });
     let created = start.elapsed();
     env.block(async {
@@ -1007,16 +1048,34 @@ fn thousand_sandboxes() {
             .collect::<Vec<_>>()
             .await;
     });
-    eventually("all annotated and ready", Duration::from_secs(120), || {
-        let list = env.block(env.boxes().list(&Default::default())).unwrap();
-        let done = list
-            .items
-            .iter()
-            .filter(|o| o.data["status"]["ready"] == 1)
-            .count();
-        (done == n).then_some(())
-    });
-    let health = format!("127.0.0.1:{}", _controller.health).parse().unwrap();
+    let ip_of = |name: &str| {
+        let i: usize = name.strip_prefix("sb-")?.parse().ok()?;
+        Some(format!("127.1.{}.{}", i / 250, i % 250 + 1))
+    };
+    eventually_every(
+        "all annotated and ready",
+        Duration::from_secs(120),
+        poll,
+        || {
+            let list = env.block(env.boxes().list(&Default::default())).unwrap();
+            let done = list
+                .items
+                .iter()
+                .filter(|o| {
+                    let want = ip_of(o.metadata.name.as_deref().unwrap_or_default())
+                        .map(|ip| format!(r#"["{ip}"]"#));
+                    let published = o
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get("sandbox.opensandbox.io/endpoints"));
+                    o.data["status"]["ready"] == 1 && want.is_some() && published == want.as_ref()
+                })
+                .count();
+            (done == n).then_some(())
+        },
+    );
+    let health = controller.health;
     let metrics = support::client::blocking_get(health, "/metrics")
         .unwrap()
         .body_text();
