@@ -5,7 +5,9 @@
 use std::fmt;
 
 use sandbox_api::egress;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
+
+use crate::json;
 
 /// Container lists of a pod spec, all checked; ephemeral containers cannot be set on create, but
 /// a template that names them is refused all the same.
@@ -218,8 +220,8 @@ pub fn drop_net_capabilities(spec: &mut Value) {
             continue;
         };
         for container in containers.iter_mut().filter_map(Value::as_object_mut) {
-            let drop = array(
-                object(object(container, "securityContext"), "capabilities"),
+            let drop = json::array(
+                json::object(json::object(container, "securityContext"), "capabilities"),
                 "drop",
             );
             for cap in DROPPED_CAPABILITIES {
@@ -231,28 +233,6 @@ pub fn drop_net_capabilities(spec: &mut Value) {
                 }
             }
         }
-    }
-}
-
-fn object<'m>(m: &'m mut Map<String, Value>, key: &str) -> &'m mut Map<String, Value> {
-    let slot = m.entry(key).or_insert_with(|| json!({}));
-    if !slot.is_object() {
-        *slot = json!({});
-    }
-    match slot {
-        Value::Object(inner) => inner,
-        _ => unreachable!("just made an object"),
-    }
-}
-
-fn array<'m>(m: &'m mut Map<String, Value>, key: &str) -> &'m mut Vec<Value> {
-    let slot = m.entry(key).or_insert_with(|| json!([]));
-    if !slot.is_array() {
-        *slot = json!([]);
-    }
-    match slot {
-        Value::Array(inner) => inner,
-        _ => unreachable!("just made an array"),
     }
 }
 

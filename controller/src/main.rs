@@ -4,6 +4,7 @@
 mod error;
 mod fence;
 mod health;
+mod json;
 mod leader;
 mod metrics;
 mod pod;

@@ -2,8 +2,9 @@
 //! every field survives, including ones this program's Kubernetes types do not know.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
+use crate::json;
 use crate::sidecar::{self, Egress};
 
 /// Label holding the pod's index within its BatchSandbox.
@@ -38,16 +39,6 @@ impl Owner<'_> {
     }
 }
 
-fn object<'v>(v: &'v mut Value, key: &str) -> &'v mut Map<String, Value> {
-    if !v.get(key).is_some_and(Value::is_object) {
-        v[key] = json!({});
-    }
-    match v.get_mut(key) {
-        Some(Value::Object(m)) => m,
-        _ => unreachable!("just made an object"),
-    }
-}
-
 pub fn pod_name(owner: &str, index: u32) -> String {
     format!("{owner}-{index}")
 }
@@ -69,9 +60,11 @@ pub fn build(owner: &Owner<'_>, index: u32) -> Value {
         .unwrap_or_else(|| json!({}));
     metadata["name"] = json!(pod_name(owner.name, index));
     metadata["namespace"] = json!(owner.namespace);
-    let labels = object(&mut metadata, "labels");
-    labels.insert(LABEL_NAME.into(), json!(owner.name));
-    labels.insert(LABEL_INDEX.into(), json!(index.to_string()));
+    if let Some(meta) = metadata.as_object_mut() {
+        let labels = json::object(meta, "labels");
+        labels.insert(LABEL_NAME.into(), json!(owner.name));
+        labels.insert(LABEL_INDEX.into(), json!(index.to_string()));
+    }
     metadata["ownerReferences"] = json!([owner.reference()]);
     if let Some(egress) = &owner.egress {
         sidecar::inject(&mut spec, egress);

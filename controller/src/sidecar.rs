@@ -5,7 +5,7 @@
 use sandbox_api::egress::{self, env};
 use serde_json::{Value, json};
 
-use crate::fence;
+use crate::{fence, json};
 
 /// What the sidecar is given.
 pub struct Egress<'a> {
@@ -54,18 +54,11 @@ pub fn container(egress: &Egress<'_>) -> Value {
 /// `NET_ADMIN` and `NET_RAW`, then the sidecar becomes the first init container.
 pub fn inject(spec: &mut Value, egress: &Egress<'_>) {
     fence::drop_net_capabilities(spec);
-    if !spec.get("initContainers").is_some_and(Value::is_array) {
-        spec["initContainers"] = json!([]);
-    }
-    if let Some(init) = spec["initContainers"].as_array_mut() {
-        init.insert(0, container(egress));
-    }
-    if !spec.get("volumes").is_some_and(Value::is_array) {
-        spec["volumes"] = json!([]);
-    }
-    if let Some(volumes) = spec["volumes"].as_array_mut() {
-        volumes.push(json!({"name": egress::STATE_VOLUME, "emptyDir": {}}));
-    }
+    let Some(spec) = spec.as_object_mut() else {
+        return;
+    };
+    json::array(spec, "initContainers").insert(0, container(egress));
+    json::array(spec, "volumes").push(json!({"name": egress::STATE_VOLUME, "emptyDir": {}}));
 }
 
 #[cfg(test)]

@@ -188,14 +188,6 @@ impl Config {
             None => SocketAddr::from(([127, 0, 0, 1], 15353)),
             Some(a) => a.parse().map_err(|_| ConfigError::DnsListen(a))?,
         };
-        let truthy = |v: Option<String>| {
-            v.is_some_and(|v| {
-                matches!(
-                    v.to_ascii_lowercase().as_str(),
-                    "1" | "true" | "yes" | "y" | "on"
-                )
-            })
-        };
         let mut doh_blocklist = Vec::new();
         for entry in get(DOH_BLOCKLIST).unwrap_or_default().split(',') {
             let entry = entry.trim();
@@ -220,17 +212,13 @@ impl Config {
             .map_err(|e| ConfigError::PrivateCidrs(e.to_string()))?;
         let allow_private_answers = match get(ALLOW_PRIVATE_ANSWERS) {
             None => false,
-            Some(v) => match v.to_ascii_lowercase().as_str() {
-                "1" | "true" | "yes" | "y" | "on" => true,
-                "0" | "false" | "no" | "n" | "off" => false,
-                _ => {
-                    // Unclear: keep the safe behaviour.
-                    warnings.push(format!(
-                        "{ALLOW_PRIVATE_ANSWERS}={v:?} is not true or false; private answers stay stripped"
-                    ));
-                    false
-                }
-            },
+            Some(v) => parse_bool(&v).unwrap_or_else(|| {
+                // Unclear: keep the safe behaviour.
+                warnings.push(format!(
+                    "{ALLOW_PRIVATE_ANSWERS}={v:?} is not true or false; private answers stay stripped"
+                ));
+                false
+            }),
         };
 
         Ok(Config {
@@ -249,7 +237,7 @@ impl Config {
             rules_dir: get(RULES_DIR)
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_RULES_DIR)),
-            block_doh_443: truthy(get(BLOCK_DOH_443)),
+            block_doh_443: get(BLOCK_DOH_443).and_then(|v| parse_bool(&v)) == Some(true),
             doh_blocklist,
             nameserver_exempt,
             log_level: get(LOG_LEVEL).unwrap_or_else(|| "info".into()),
@@ -279,6 +267,15 @@ pub fn parse_mode(text: &str) -> Option<Mode> {
     match (dns, nft) {
         (true, true) => Some(Mode::DnsNft),
         (true, false) => Some(Mode::Dns),
+        _ => None,
+    }
+}
+
+/// `1`/`true`/`yes`/`y`/`on` and `0`/`false`/`no`/`n`/`off`, any case; `None` for anything else.
+fn parse_bool(text: &str) -> Option<bool> {
+    match text.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "y" | "on" => Some(true),
+        "0" | "false" | "no" | "n" | "off" => Some(false),
         _ => None,
     }
 }

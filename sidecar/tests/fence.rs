@@ -138,6 +138,8 @@ fn a_process_with_net_raw_cannot_pass_for_the_sidecar() {
 struct Flow {
     child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
+    /// Lines already taken from `lines`.
+    seen: Vec<String>,
 }
 
 const FLOW: &str = r#"
@@ -176,7 +178,11 @@ impl Flow {
                 let _ = tx.send(line);
             }
         });
-        let flow = Flow { child, lines };
+        let flow = Flow {
+            child,
+            lines,
+            seen: Vec::new(),
+        };
         let first = flow.lines.recv_timeout(Duration::from_secs(5));
         assert!(
             first.as_deref().is_ok_and(|l| l.starts_with("connected")),
@@ -185,11 +191,21 @@ impl Flow {
         flow
     }
 
+    /// Waits until data has gone both ways at least once.
+    fn wait_for_echo(&mut self) {
+        while !self.seen.iter().any(|l| l.starts_with("ok ")) {
+            let line = self.lines.recv_timeout(Duration::from_secs(3));
+            self.seen
+                .push(line.expect("no echo within 3 s of connecting"));
+        }
+    }
+
     /// Waits for the client to finish; returns the times of its successful echoes.
     fn echoes(mut self) -> Vec<f64> {
         let _ = self.child.wait();
-        self.lines
-            .try_iter()
+        self.seen.extend(self.lines.try_iter());
+        self.seen
+            .iter()
             .filter_map(|l| l.strip_prefix("ok ").and_then(|t| t.parse().ok()))
             .collect()
     }
@@ -214,9 +230,10 @@ fn open_flows_end_when_denied(deny: impl FnOnce(&mut Lab)) {
         ),
     ]);
     assert_eq!(lab.dig("allowed.test", &[]).0, "NOERROR");
-    let denied = Flow::open(&lab, ALLOWED_IP, 6);
-    let kept = Flow::open(&lab, BLOCKED_IP, 6);
-    std::thread::sleep(Duration::from_millis(800));
+    let mut denied = Flow::open(&lab, ALLOWED_IP, 6);
+    let mut kept = Flow::open(&lab, BLOCKED_IP, 6);
+    denied.wait_for_echo();
+    kept.wait_for_echo();
     let changed = now();
     deny(&mut lab);
     let denied = denied.echoes();

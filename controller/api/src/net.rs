@@ -78,24 +78,15 @@ impl FromStr for Cidr {
                 .filter(|p| *p <= written)
                 .ok_or_else(|| CidrError::Prefix(s.to_owned()))?,
         };
-        let (v6, value) = bits(ip);
         // A block of IPv4-mapped addresses is the IPv4 block 96 bits shorter; a wider block
         // stays IPv6 (it covers more than mapped addresses).
-        let prefix = match (ip.is_ipv6(), v6) {
-            (true, false) if prefix >= 96 => prefix - 96,
-            (true, false) => {
-                return Ok(Cidr::new(true, u128::from(ip_v6(ip)), prefix));
+        Ok(match ip {
+            IpAddr::V6(v6) if prefix < 96 || v6.to_ipv4_mapped().is_none() => {
+                Cidr::new(true, u128::from(v6), prefix)
             }
-            _ => prefix,
-        };
-        Ok(Cidr::new(v6, value, prefix))
-    }
-}
-
-fn ip_v6(ip: IpAddr) -> Ipv6Addr {
-    match ip {
-        IpAddr::V6(v6) => v6,
-        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(_) => Cidr::new(false, bits(ip).1, prefix - 96),
+            IpAddr::V4(v4) => Cidr::new(false, u128::from(u32::from(v4)), prefix),
+        })
     }
 }
 
