@@ -31,6 +31,10 @@ pub enum IdentityError {
     #[error("this process's cgroup v2 directory {0} is not under the cgroup v2 mount")]
     Outside(String),
     #[error(
+        "the cgroup path {0:?} cannot be written into an nftables rule (quote or control character)"
+    )]
+    Unquotable(String),
+    #[error(
         "the egress sidecar runs in the root cgroup, which every other process shares; run it in \
          a container (or cgroup) of its own"
     )]
@@ -103,13 +107,17 @@ pub fn locate(mountinfo: &str, proc_cgroup: &str) -> Result<PathBuf, IdentityErr
     Ok(Path::new(&point).join(rel.trim_start_matches('/')))
 }
 
-/// The path nft resolves against `/sys/fs/cgroup`.
-pub fn nft_path(dir: &Path) -> String {
-    match dir.strip_prefix(NFT_CGROUP_ROOT) {
+/// The path nft resolves against `/sys/fs/cgroup`, as it goes between the quotes of a rule.
+pub fn nft_path(dir: &Path) -> Result<String, IdentityError> {
+    let path = match dir.strip_prefix(NFT_CGROUP_ROOT) {
         Ok(rel) => rel.to_string_lossy().into_owned(),
         // nft joins "/sys/fs/cgroup/" and the path; climbing out reaches any absolute path.
         Err(_) => format!("../../..{}", dir.display()),
+    };
+    if path.contains(|c: char| c == '"' || c == '\\' || c.is_control()) {
+        return Err(IdentityError::Unquotable(path));
     }
+    Ok(path)
 }
 
 /// Finds this process's cgroup and checks it is one nobody else is in by default.
@@ -122,7 +130,7 @@ pub fn discover() -> Result<Cgroup, IdentityError> {
         return Err(IdentityError::RootCgroup);
     }
     Ok(Cgroup {
-        nft_path: nft_path(&dir),
+        nft_path: nft_path(&dir)?,
         dir,
     })
 }
@@ -142,12 +150,12 @@ mod tests {
     fn finds_the_cgroup_on_hybrid_and_unified_hosts() {
         let dir = locate(HYBRID, "4:memory:/x\n0::/fence/sidecar\n").unwrap();
         assert_eq!(dir, PathBuf::from("/sys/fs/cgroup/unified/fence/sidecar"));
-        assert_eq!(nft_path(&dir), "unified/fence/sidecar");
+        assert_eq!(nft_path(&dir).unwrap(), "unified/fence/sidecar");
         // A container with its own cgroup namespace: its cgroup is the mount's root.
         let container = "40 30 0:30 / /sys/fs/cgroup ro,nosuid - cgroup2 cgroup rw\n";
         let dir = locate(container, "0::/\n").unwrap();
         assert_eq!(dir, PathBuf::from("/sys/fs/cgroup"));
-        assert_eq!(nft_path(&dir), "");
+        assert_eq!(nft_path(&dir).unwrap(), "");
         // A mount of a sub-tree (no cgroup namespace).
         let sub = "40 30 0:30 /kubepods/pod1/c1 /sys/fs/cgroup ro - cgroup2 cgroup rw\n";
         let dir = locate(sub, "0::/kubepods/pod1/c1\n").unwrap();
@@ -160,7 +168,18 @@ mod tests {
         let odd = "40 30 0:30 / /run/my\\040cg rw - cgroup2 cgroup2 rw\n";
         let dir = locate(odd, "0::/a\n").unwrap();
         assert_eq!(dir, PathBuf::from("/run/my cg/a"));
-        assert_eq!(nft_path(&dir), "../../../run/my cg/a");
+        assert_eq!(nft_path(&dir).unwrap(), "../../../run/my cg/a");
+        // A path that would end the rule's string early is refused, not written.
+        for bad in [
+            "/sys/fs/cgroup/a\"b",
+            "/sys/fs/cgroup/a\nb",
+            "/sys/fs/cgroup/a\\b",
+        ] {
+            assert!(
+                matches!(nft_path(Path::new(bad)), Err(IdentityError::Unquotable(_))),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

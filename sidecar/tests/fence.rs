@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use support::{ALLOWED_IP, BLOCKED_IP, DNS, Lab};
+use support::{ALLOWED_IP, ALLOWED_IP6, BLOCKED_IP, BLOCKED_IP6, DNS, Lab};
 
 const ALLOW_ALLOWED: &str =
     r#"{"defaultAction":"deny","egress":[{"action":"allow","target":"allowed.test"}]}"#;
@@ -21,10 +21,10 @@ const ALLOW_ALLOWED: &str =
 /// kernel refused the mark, which would make the test prove nothing).
 const ATTACKER: &str = r#"
 import socket, struct, sys
-ip, resolver, name = sys.argv[1], sys.argv[2], sys.argv[3]
+ip, ip6, resolver, name = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 SO_MARK = 36
-def marked(kind, mark):
-    s = socket.socket(socket.AF_INET, kind)
+def marked(kind, mark, family=socket.AF_INET):
+    s = socket.socket(family, kind)
     if mark:
         try:
             s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
@@ -45,6 +45,12 @@ for mark in (0x1, 0x2, 0x0):
     except OSError:
         ok = False
     print("tcp", mark, ok, flush=True)
+    s6 = marked(socket.SOCK_STREAM, mark, socket.AF_INET6)
+    try:
+        s6.connect((ip6, 7)); s6.sendall(b"x"); ok = s6.recv(1) == b"x"
+    except OSError:
+        ok = False
+    print("tcp6", mark, ok, flush=True)
     u = marked(socket.SOCK_DGRAM, mark)
     try:
         u.sendto(b"x", (ip, 7)); ok = u.recv(16) == b"x"
@@ -60,7 +66,7 @@ for mark in (0x1, 0x2, 0x0):
 "#;
 
 /// Runs [`ATTACKER`] in the sandbox as uid 65534 with CAP_NET_RAW only; returns its lines.
-fn attack(lab: &Lab, ip: &str, name: &str) -> Vec<String> {
+fn attack(lab: &Lab, ip: &str, ip6: &str, name: &str) -> Vec<String> {
     let out = lab
         .in_sandbox("setpriv")
         .args([
@@ -75,6 +81,7 @@ fn attack(lab: &Lab, ip: &str, name: &str) -> Vec<String> {
             "-c",
             ATTACKER,
             ip,
+            ip6,
             DNS,
             name,
         ])
@@ -99,12 +106,16 @@ fn a_process_with_net_raw_cannot_pass_for_the_sidecar() {
     ]);
     // The denied address, whatever mark the socket carries: no TCP, no UDP, and a query sent
     // straight to the resolver is still answered by the sidecar's policy.
-    let lines = attack(&lab, BLOCKED_IP, "blocked.test");
+    let lines = attack(&lab, BLOCKED_IP, BLOCKED_IP6, "blocked.test");
     for mark in ["1", "2", "0"] {
         assert!(
             lines.contains(&format!("tcp {mark} False")),
             "TCP with mark {mark} reached the denied address: {lines:?}\n{}",
             lab.nft_ruleset()
+        );
+        assert!(
+            lines.contains(&format!("tcp6 {mark} False")),
+            "TCP with mark {mark} reached the denied IPv6 address: {lines:?}"
         );
         assert!(
             lines.contains(&format!("udp {mark} False")),
@@ -117,9 +128,11 @@ fn a_process_with_net_raw_cannot_pass_for_the_sidecar() {
     }
     // The same process reaches what the policy allows (the script and the lab work).
     assert_eq!(lab.dig("allowed.test", &[]).0, "NOERROR");
-    let lines = attack(&lab, ALLOWED_IP, "allowed.test");
+    assert_eq!(lab.dig("allowed.test", &["AAAA"]).0, "NOERROR");
+    let lines = attack(&lab, ALLOWED_IP, ALLOWED_IP6, "allowed.test");
     for mark in ["1", "2", "0"] {
         assert!(lines.contains(&format!("tcp {mark} True")), "{lines:?}");
+        assert!(lines.contains(&format!("tcp6 {mark} True")), "{lines:?}");
         assert!(lines.contains(&format!("udp {mark} True")), "{lines:?}");
         assert!(lines.contains(&format!("dns {mark} 0")), "{lines:?}");
     }
