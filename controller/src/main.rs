@@ -1,12 +1,15 @@
 //! `sandbox-controller`: runs BatchSandbox pods and publishes where they live.
 #![forbid(unsafe_code)]
 
+mod cache;
 mod error;
+mod events;
 mod fence;
 mod health;
 mod json;
 mod leader;
 mod metrics;
+mod object;
 mod pod;
 mod reconcile;
 mod secret;
@@ -25,12 +28,14 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::ResourceExt;
+use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use object::BatchSandbox;
 use sandbox_api::egress::{MODE_DNS, MODE_DNS_NFT};
-use sandbox_api::names;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -82,14 +87,19 @@ struct Config {
 }
 
 /// Counts, from the controller's cache, the objects whose latest spec has not been reconciled.
-async fn report_backlog(store: kube::runtime::reflector::Store<DynamicObject>) {
+async fn report_backlog(store: Store<BatchSandbox>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tick.tick().await;
         let pending = store
             .state()
             .iter()
-            .filter(|o| o.data["status"]["observedGeneration"].as_i64() != o.metadata.generation)
+            .filter(|o| {
+                o.status
+                    .as_ref()
+                    .and_then(|s| s["observedGeneration"].as_i64())
+                    != o.metadata.generation
+            })
             .count();
         metrics::metrics().pending.set(pending as i64);
     }
@@ -169,40 +179,56 @@ async fn run(config: Config) -> Result<(), String> {
         }
     }
 
-    let resource = ApiResource {
-        group: names::BATCH_SANDBOX_GROUP.into(),
-        version: names::BATCH_SANDBOX_VERSION.into(),
-        api_version: format!(
-            "{}/{}",
-            names::BATCH_SANDBOX_GROUP,
-            names::BATCH_SANDBOX_VERSION
-        ),
-        kind: names::BATCH_SANDBOX_KIND.into(),
-        plural: "batchsandboxes".into(),
-    };
+    // Pods and token Secrets come from watches that keep caches the passes read from, so a
+    // pass asks the API server only to change something.
+    let (pod_store, pod_writer) = reflector::store::<Pod>();
+    let (secret_store, secret_writer) = reflector::store::<PartialObjectMeta<Secret>>();
     let ctx = Arc::new(reconcile::Context {
         client: client.clone(),
-        resource: resource.clone(),
-        recorder: Recorder::new(
+        pods: cache::Pods::new(pod_store),
+        secrets: secret::Secrets::new(secret_store),
+        events: events::Events::start(Recorder::new(
             client.clone(),
             Reporter {
                 controller: "sandbox-controller".into(),
                 instance: Some(election.identity.clone()),
             },
-        ),
+        )),
         egress_image: config.egress_image.clone(),
         egress_mode: config.egress_mode.clone(),
         max_replicas: config.max_replicas,
     });
-    let objects: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
-    let pods: Api<Pod> = Api::all(client.clone());
+    let index = ctx.clone();
+    let pods = watcher(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().labels(pod::LABEL_NAME),
+    )
+    .default_backoff()
+    .modify(|p| p.managed_fields_mut().clear())
+    .reflect(pod_writer)
+    .inspect(move |event| {
+        if let Ok(event) = event {
+            index.pods.observe(event);
+        }
+    })
+    .touched_objects();
     // Metadata only: a deleted or changed token Secret brings its owner back, and no token is
     // cached here.
-    let secrets: Api<PartialObjectMeta<Secret>> = Api::all(client.clone());
     let secret_selector = format!("{}={}", secret::LABEL, secret::LABEL_VALUE);
-    let controller = Controller::new_with(objects, watcher::Config::default(), resource)
-        .owns(pods, watcher::Config::default().labels(pod::LABEL_NAME))
-        .owns(secrets, watcher::Config::default().labels(&secret_selector));
+    let secrets = watcher(
+        Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+        watcher::Config::default().labels(&secret_selector),
+    )
+    .default_backoff()
+    .modify(|s| s.managed_fields_mut().clear())
+    .reflect(secret_writer)
+    .touched_objects();
+    let controller = Controller::new(
+        Api::<BatchSandbox>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns_stream(pods)
+    .owns_stream(secrets);
     tokio::spawn(report_backlog(controller.store()));
     let controller = controller
         .shutdown_on_signal()

@@ -15,6 +15,10 @@ pub struct Metrics {
     pub leader: IntGauge,
     /// BatchSandboxes whose latest generation has not been reconciled yet: the work backlog.
     pub pending: IntGauge,
+    /// Events not recorded because the queue to the API server was full.
+    pub events_dropped: IntCounter,
+    /// Token Secrets read from the API server (the cache could not vouch for them).
+    pub secret_reads: IntCounter,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -45,6 +49,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
         pending: register_int_gauge!(opts!(
             "sandbox_controller_pending_objects",
             "BatchSandboxes whose latest generation the controller has not reconciled yet (the work backlog)."
+        ))?,
+        events_dropped: register_int_counter!(opts!(
+            "sandbox_controller_events_dropped_total",
+            "Kubernetes events dropped because the queue to the API server was full."
+        ))?,
+        secret_reads: register_int_counter!(opts!(
+            "sandbox_controller_secret_reads_total",
+            "Egress token Secrets read from the API server to check their content."
         ))?,
     })
 }

@@ -1,6 +1,7 @@
-//! One idempotent pass over a BatchSandbox: expiry, access and egress tokens, the egress fence
-//! and token Secret, pods, endpoints annotation (before status, so `ready` is never seen without
-//! an endpoint), status, and one Warning event when a new problem stops the controller.
+//! One idempotent pass over a BatchSandbox, in steps: expiry → access and egress tokens → the
+//! egress fence and token Secret → pods → endpoints annotation (before status, so `ready` is
+//! never seen without an endpoint) → status. Pods and Secrets are read from the controller's
+//! watch caches; events are queued, not awaited. [`next`] alone decides when to come back.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,26 +9,29 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
-};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::EventType;
 use kube::{Client, Resource, ResourceExt};
 use sandbox_api::{egress, endpoints, names, policy};
 use serde_json::{Value, json};
 
+use crate::cache::Pods;
 use crate::error::Error;
+use crate::events::Events;
 use crate::metrics::metrics;
-use crate::pod::{self, LABEL_INDEX, LABEL_NAME, Owner};
+use crate::object::BatchSandbox;
+use crate::pod::{self, Owner};
+use crate::secret::Secrets;
 use crate::sidecar::Egress;
 use crate::status::{self, Observed, Problem};
-use crate::{fence, secret, tokens};
+use crate::{fence, tokens};
 
 pub struct Context {
     pub client: Client,
-    pub resource: ApiResource,
-    pub recorder: Recorder,
+    pub pods: Pods,
+    pub secrets: Secrets,
+    pub events: Events,
     pub egress_image: String,
     pub egress_mode: String,
     pub max_replicas: u32,
@@ -35,15 +39,6 @@ pub struct Context {
 
 fn now() -> String {
     Timestamp::now().to_string()
-}
-
-fn annotation<'a>(obj: &'a DynamicObject, key: &str) -> Option<&'a str> {
-    obj.metadata
-        .annotations
-        .as_ref()?
-        .get(key)
-        .map(String::as_str)
-        .filter(|v| !v.trim().is_empty())
 }
 
 /// Result of looking at `spec.expireTime`.
@@ -54,12 +49,9 @@ enum Expiry {
     Invalid(String),
 }
 
-fn expiry(spec: &Value) -> Expiry {
-    let Some(raw) = spec.get("expireTime").filter(|v| !v.is_null()) else {
+fn expiry(expire_time: Option<&str>) -> Expiry {
+    let Some(text) = expire_time else {
         return Expiry::None;
-    };
-    let Some(text) = raw.as_str() else {
-        return Expiry::Invalid(format!("spec.expireTime {raw} is not a string"));
     };
     match text.parse::<Timestamp>() {
         Ok(at) => {
@@ -111,7 +103,7 @@ fn next(outcome: Outcome) -> Action {
     }
 }
 
-pub async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(obj: Arc<BatchSandbox>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let result = reconcile_inner(&obj, &ctx).await;
     let m = metrics();
@@ -123,14 +115,14 @@ pub async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Act
     result.map(next)
 }
 
-pub fn error_policy(obj: Arc<DynamicObject>, error: &Error, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(obj: Arc<BatchSandbox>, error: &Error, _ctx: Arc<Context>) -> Action {
     tracing::warn!(name = %obj.name_any(), %error, "reconcile failed; retrying");
     next(Outcome::Failed)
 }
 
 /// The policy annotation's text when it is valid JSON policy; a problem when it is not.
-fn egress_policy(obj: &DynamicObject) -> Result<Option<&str>, Problem> {
-    let Some(text) = annotation(obj, names::ANNOTATION_NETWORK_POLICY) else {
+fn egress_policy(obj: &BatchSandbox) -> Result<Option<&str>, Problem> {
+    let Some(text) = obj.annotation(names::ANNOTATION_NETWORK_POLICY) else {
         return Ok(None);
     };
     match policy::parse(text) {
@@ -144,14 +136,20 @@ fn egress_policy(obj: &DynamicObject) -> Result<Option<&str>, Problem> {
 
 /// Token annotations still to be written: a secure-access token when asked for, an egress
 /// token when a valid policy asks for a sidecar. Existing tokens are never replaced.
-fn missing_tokens(obj: &DynamicObject, egress: bool) -> BTreeMap<&'static str, String> {
+fn missing_tokens(obj: &BatchSandbox, egress: bool) -> BTreeMap<&'static str, String> {
     let mut add = BTreeMap::new();
-    if annotation(obj, names::ANNOTATION_SECURE_ACCESS) == Some("true")
-        && annotation(obj, names::ANNOTATION_SECURE_ACCESS_TOKEN).is_none()
+    if obj.annotation(names::ANNOTATION_SECURE_ACCESS) == Some("true")
+        && obj
+            .annotation(names::ANNOTATION_SECURE_ACCESS_TOKEN)
+            .is_none()
     {
         add.insert(names::ANNOTATION_SECURE_ACCESS_TOKEN, tokens::generate());
     }
-    if egress && annotation(obj, names::ANNOTATION_EGRESS_AUTH_TOKEN).is_none() {
+    if egress
+        && obj
+            .annotation(names::ANNOTATION_EGRESS_AUTH_TOKEN)
+            .is_none()
+    {
         add.insert(names::ANNOTATION_EGRESS_AUTH_TOKEN, tokens::generate());
     }
     add
@@ -172,7 +170,31 @@ fn fence_problem(template: Option<&Value>) -> Option<Problem> {
     })
 }
 
-async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Outcome, Error> {
+/// The endpoints annotation to write, if it must change: one entry per wanted replica, empty
+/// where the pod has no address yet. Nothing is written while there is nothing to publish and
+/// nothing was published.
+fn endpoints_update(
+    obj: &BatchSandbox,
+    pods: &BTreeMap<u32, Arc<Pod>>,
+    desired: u32,
+) -> Option<String> {
+    let ips: Vec<String> = (0..desired)
+        .map(|i| {
+            pods.get(&i)
+                .and_then(|p| status::pod_ip(p))
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    let current = obj.annotation(names::ANNOTATION_ENDPOINTS);
+    if current.is_none() && ips.iter().all(String::is_empty) {
+        return None;
+    }
+    let encoded = endpoints::encode(&ips);
+    (current != Some(encoded.as_str())).then_some(encoded)
+}
+
+async fn reconcile_inner(obj: &BatchSandbox, ctx: &Context) -> Result<Outcome, Error> {
     if obj.metadata.deletion_timestamp.is_some() {
         return Ok(Outcome::Gone);
     }
@@ -191,34 +213,42 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Outcome, 
         .uid
         .as_deref()
         .ok_or(Error::Missing("metadata.uid"))?;
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(ctx.client.clone(), namespace, &ctx.resource);
-    let spec = obj.data.get("spec").cloned().unwrap_or(Value::Null);
-    let previous = obj.data.get("status").cloned().unwrap_or_else(|| json!({}));
+    let api: Api<BatchSandbox> = Api::namespaced(ctx.client.clone(), namespace);
+    let spec = &obj.spec;
+    let empty = json!({});
+    let previous = obj.status.as_ref().unwrap_or(&empty);
 
-    let mut problem = None;
-    let expires_in = match expiry(&spec) {
+    // Expiry.
+    let mut problem = spec.invalid.as_ref().map(|message| Problem {
+        reason: "InvalidSpec",
+        message: message.clone(),
+    });
+    let expires_in = match expiry(spec.expire_time.as_deref()) {
         Expiry::Due => {
             tracing::info!(%namespace, %name, "expired; deleting");
-            api.delete(name, &DeleteParams::background()).await?;
+            match api.delete(name, &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
             return Ok(Outcome::Gone);
         }
         Expiry::In(left) => Some(left),
         Expiry::Invalid(message) => {
-            problem = Some(Problem {
+            problem = problem.or(Some(Problem {
                 reason: "InvalidExpireTime",
                 message,
-            });
+            }));
             None
         }
         Expiry::None => None,
     };
+
+    // Access and egress tokens: written to the object first; the change brings the next pass.
     let policy = egress_policy(obj).unwrap_or_else(|p| {
         problem = problem.take().or(Some(p));
         None
     });
-
-    // Tokens are written to the object first; the resulting change triggers the next pass.
     let add = missing_tokens(obj, policy.is_some());
     if !add.is_empty() {
         let patch = Patch::Merge(json!({"metadata": {"annotations": add}}));
@@ -226,14 +256,15 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Outcome, 
         return Ok(Outcome::Annotated);
     }
 
+    // The egress fence and the token Secret.
     let secret_name = egress::secret_name(name);
     let mut owner = Owner {
-        api_version: &ctx.resource.api_version,
-        kind: &ctx.resource.kind,
+        api_version: &BatchSandbox::api_version(&()),
+        kind: &BatchSandbox::kind(&()),
         name,
         namespace,
         uid,
-        template: spec.get("template"),
+        template: spec.template.as_ref(),
         egress: None,
     };
     if let Some(policy) = policy
@@ -241,9 +272,10 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Outcome, 
     {
         problem = fence_problem(owner.template);
         if problem.is_none() {
-            let token = annotation(obj, names::ANNOTATION_EGRESS_AUTH_TOKEN)
+            let token = obj
+                .annotation(names::ANNOTATION_EGRESS_AUTH_TOKEN)
                 .ok_or(Error::Missing("egress token annotation"))?;
-            problem = secret::ensure(&ctx.client, &owner, token).await?;
+            problem = ctx.secrets.ensure(&ctx.client, &owner, token).await?;
         }
         owner.egress = Some(Egress {
             policy,
@@ -253,43 +285,34 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Outcome, 
         });
     }
 
+    // Pods.
     let desired = spec
-        .get("replicas")
-        .and_then(Value::as_i64)
+        .replicas
         .unwrap_or(1)
         .clamp(0, i64::from(ctx.max_replicas)) as u32;
     let (pods, refused) = sync_pods(ctx, obj, &owner, desired, problem.is_none()).await?;
     problem = problem.or(refused);
 
-    // Endpoints first: the gateway must never see `ready` without an address to route to.
-    let ips: Vec<String> = (0..desired)
-        .map(|i| {
-            pods.get(&i)
-                .and_then(status::pod_ip)
-                .unwrap_or("")
-                .to_owned()
-        })
-        .collect();
-    let encoded = endpoints::encode(&ips);
-    if annotation(obj, names::ANNOTATION_ENDPOINTS) != Some(encoded.as_str()) {
+    // Endpoints, then status.
+    if let Some(encoded) = endpoints_update(obj, &pods, desired) {
         let patch = Patch::Merge(
             json!({"metadata": {"annotations": {names::ANNOTATION_ENDPOINTS: encoded}}}),
         );
         api.patch(name, &PatchParams::default(), &patch).await?;
     }
-
-    if let Some(p) = problem.as_ref().filter(|p| !status::reports(&previous, p)) {
-        publish(ctx, obj, EventType::Warning, p.reason, &p.message).await;
+    if let Some(p) = problem.as_ref().filter(|p| !status::reports(previous, p)) {
+        ctx.events
+            .publish(obj, EventType::Warning, p.reason, &p.message);
     }
-    let pods: Vec<&Pod> = pods.values().collect();
+    let pods: Vec<&Pod> = pods.values().map(AsRef::as_ref).collect();
     let observed = Observed {
         generation: obj.metadata.generation.unwrap_or(0),
         desired,
         pods: &pods,
         problem: problem.clone(),
     };
-    let next = status::compute(&observed, &previous, &now());
-    if status::differs(&next, &previous) {
+    let next = status::compute(&observed, previous, &now());
+    if status::differs(&next, previous) {
         api.patch_status(
             name,
             &PatchParams::default(),
@@ -304,41 +327,32 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Outcome, 
 }
 
 /// Deletes pods beyond `desired` (highest index first) and, when `create`, creates the missing
-/// ones. Returns the live pods by index and the problem of a pod the API server refused.
+/// ones. Returns the pods by index (those just made included) and the problem of a pod the API
+/// server refused.
 async fn sync_pods(
     ctx: &Context,
-    obj: &DynamicObject,
+    obj: &BatchSandbox,
     owner: &Owner<'_>,
     desired: u32,
     create: bool,
-) -> Result<(BTreeMap<u32, Pod>, Option<Problem>), Error> {
+) -> Result<(BTreeMap<u32, Arc<Pod>>, Option<Problem>), Error> {
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), owner.namespace);
-    let selector = format!("{LABEL_NAME}={}", owner.name);
-    let listed = pods_api
-        .list(&ListParams::default().labels(&selector))
-        .await?;
-    let mut by_index: BTreeMap<u32, Pod> = listed
-        .items
-        .into_iter()
-        .filter(|p| {
-            p.owner_references()
-                .iter()
-                .any(|o| o.uid == owner.uid && o.controller == Some(true))
-        })
-        .filter_map(|p| {
-            let index = p.labels().get(LABEL_INDEX)?.parse::<u32>().ok()?;
-            Some((index, p))
-        })
-        .collect();
+    let mut by_index = ctx.pods.owned(owner.uid);
 
     let extra: Vec<u32> = by_index.range(desired..).rev().map(|(i, _)| *i).collect();
     for index in extra {
         if let Some(pod) = by_index.remove(&index)
             && pod.metadata.deletion_timestamp.is_none()
         {
-            pods_api
+            match pods_api
                 .delete(&pod.name_any(), &DeleteParams::default())
-                .await?;
+                .await
+            {
+                Ok(_) => {}
+                // Already gone; the cache has not heard yet.
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     if !create {
@@ -350,7 +364,8 @@ async fn sync_pods(
         owner.namespace,
         &ApiResource::erase::<Pod>(&()),
     );
-    for index in (0..desired).filter(|i| !by_index.contains_key(i)) {
+    let missing: Vec<u32> = (0..desired).filter(|i| !by_index.contains_key(i)).collect();
+    for index in missing {
         let pod_name = pod::pod_name(owner.name, index);
         let body: DynamicObject = match serde_json::from_value(pod::build(owner, index)) {
             Ok(b) => b,
@@ -360,12 +375,17 @@ async fn sync_pods(
             }
         };
         match raw_pods.create(&PostParams::default(), &body).await {
-            Ok(_) => {
+            Ok(made) => {
                 tracing::debug!(namespace = %owner.namespace, pod = %pod_name, "created pod");
                 metrics().pods_created.inc();
+                if let Ok(made) = made.try_parse::<Pod>() {
+                    by_index.insert(index, Arc::new(made));
+                }
                 let note = format!("Created pod {pod_name}");
-                publish(ctx, obj, EventType::Normal, "SuccessfulCreate", &note).await;
+                ctx.events
+                    .publish(obj, EventType::Normal, "SuccessfulCreate", &note);
             }
+            // Made by an earlier pass; the cache has not heard yet.
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(kube::Error::Api(s)) if (400..500).contains(&s.code) => {
                 let message = format!("pod {pod_name} refused by the API server: {}", s.message);
@@ -384,40 +404,12 @@ fn failed_create(message: String) -> Problem {
     }
 }
 
-/// Longest note the API server accepts on an event.
-const NOTE_LIMIT: usize = 1024;
-
-fn note(text: &str) -> String {
-    let mut end = text.len().min(NOTE_LIMIT);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
-}
-
-async fn publish(ctx: &Context, obj: &DynamicObject, type_: EventType, reason: &str, text: &str) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note(text)),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx
-        .recorder
-        .publish(&event, &obj.object_ref(&ctx.resource))
-        .await
-    {
-        tracing::warn!(error = %e, "could not record event");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn object(annotations: Value) -> DynamicObject {
+    fn object(annotations: Value) -> BatchSandbox {
         serde_json::from_value(json!({
             "apiVersion": "sandbox.opensandbox.io/v1alpha1", "kind": "BatchSandbox",
             "metadata": {"name": "bs", "annotations": annotations},
@@ -524,26 +516,15 @@ mod tests {
     }
 
     #[test]
-    fn notes_fit_the_event_limit() {
-        assert_eq!(note("short"), "short");
-        let long = "é".repeat(NOTE_LIMIT);
-        let cut = note(&long);
-        assert!(cut.len() <= NOTE_LIMIT && cut.chars().all(|c| c == 'é'));
-    }
-
-    #[test]
     fn expiry_forms() {
-        assert!(matches!(expiry(&json!({})), Expiry::None));
+        assert!(matches!(expiry(None), Expiry::None));
+        assert!(matches!(expiry(Some("2000-01-01T00:00:00Z")), Expiry::Due));
         assert!(matches!(
-            expiry(&json!({"expireTime": "2000-01-01T00:00:00Z"})),
-            Expiry::Due
-        ));
-        assert!(matches!(
-            expiry(&json!({"expireTime": "2999-06-15T10:00:00.123456+02:00"})),
+            expiry(Some("2999-06-15T10:00:00.123456+02:00")),
             Expiry::In(_)
         ));
         assert!(
-            matches!(expiry(&json!({"expireTime": "tomorrow"})), Expiry::Invalid(m) if m.contains("spec.expireTime"))
+            matches!(expiry(Some("tomorrow")), Expiry::Invalid(m) if m.contains("spec.expireTime"))
         );
     }
 }

@@ -21,6 +21,22 @@ pub struct Egress<'a> {
 /// restarts it.
 const STARTUP_PROBE_FAILURES: u32 = 120;
 
+/// The sidecar's own security context, complete so that nothing the template sets for the pod
+/// (`runAsUser`, `runAsNonRoot`, ...) reaches it: it programs nftables as root with
+/// `NET_ADMIN` and no other capability, and writes only to its state volume.
+fn security_context() -> Value {
+    json!({
+        "runAsUser": 0,
+        "runAsGroup": 0,
+        "runAsNonRoot": false,
+        "privileged": false,
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
+}
+
 /// The sidecar container. Its probes carry no token: `/healthz` needs none.
 pub fn container(egress: &Egress<'_>) -> Value {
     let health = json!({"path": egress::HEALTH_PATH, "port": egress::API_PORT});
@@ -40,7 +56,7 @@ pub fn container(egress: &Egress<'_>) -> Value {
         // An emptyDir, so a restarted sidecar finds the API's changes (the pod bounds them).
         "volumeMounts": [{"name": egress::STATE_VOLUME, "mountPath": egress::STATE_DIR}],
         "ports": [{"name": "egress-api", "containerPort": egress::API_PORT}],
-        "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}},
+        "securityContext": security_context(),
         "startupProbe": {
             "httpGet": health,
             "periodSeconds": 1,
@@ -98,9 +114,15 @@ mod tests {
             sidecar["readinessProbe"]["httpGet"],
             json!({"path": "/healthz", "port": 18080})
         );
+        let security = &sidecar["securityContext"];
         assert_eq!(
-            sidecar["securityContext"],
-            json!({"capabilities": {"add": ["NET_ADMIN"]}})
+            security["capabilities"],
+            json!({"drop": ["ALL"], "add": ["NET_ADMIN"]})
+        );
+        // A pod-level runAsUser / runAsNonRoot in the template must not reach the sidecar.
+        assert_eq!(
+            (&security["runAsUser"], &security["runAsNonRoot"]),
+            (&json!(0), &json!(false))
         );
         assert_eq!(
             spec["volumes"][1],

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
@@ -529,6 +530,8 @@ fn fenced_template() -> Value {
     json!({
         "metadata": {"labels": {"app": "sandbox"}},
         "spec": {
+            // Pod-wide settings a hardened sandbox sets; they must not reach the sidecar.
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 1000},
             "initContainers": [{"name": "setup", "image": "sandbox:latest",
                 "securityContext": {"capabilities": {"drop": ["CHOWN"]}}}],
             "containers": [{"name": "main", "image": "sandbox:latest",
@@ -606,13 +609,17 @@ fn assert_fenced(pod: &Pod, secret: &str, tokens: &[&str]) {
         (reference.name.as_str(), reference.key.as_str()),
         (secret, "token")
     );
-    let caps = sidecar
-        .security_context
-        .clone()
-        .unwrap()
-        .capabilities
-        .unwrap();
-    assert_eq!(caps.add.unwrap(), ["NET_ADMIN"]);
+    let security = sidecar.security_context.clone().unwrap();
+    assert_eq!(
+        (security.run_as_user, security.run_as_non_root),
+        (Some(0), Some(false)),
+        "the sidecar runs as it needs whatever the pod sets"
+    );
+    let caps = security.capabilities.unwrap();
+    assert_eq!(
+        (caps.add.unwrap(), caps.drop.unwrap()),
+        (vec!["NET_ADMIN".to_owned()], vec!["ALL".to_owned()])
+    );
     assert!(
         spec.volumes
             .unwrap()
@@ -701,6 +708,20 @@ fn access_and_egress_provisioned_exactly_once() {
             .filter(|s| s.metadata.uid != secret.metadata.uid)
     });
     assert_eq!(stored(&back), egress_token.as_bytes());
+
+    // A token written into the Secret by someone else is put back: the cache shows a version
+    // the controller has not checked, so it reads the Secret and rewrites it.
+    let tampered = json!({"data": {"token": ByteString(b"chosen-by-someone-else".to_vec())}});
+    env.block(env.secrets().patch(
+        "bs-egress-token",
+        &PatchParams::default(),
+        &Patch::Merge(tampered),
+    ))
+    .unwrap();
+    eventually("token restored", Duration::from_secs(20), || {
+        let s = env.block(env.secrets().get("bs-egress-token")).unwrap();
+        (stored(&s) == egress_token.as_bytes()).then_some(())
+    });
 
     // Restarts and repeated reconciles change nothing.
     drop(first);

@@ -357,13 +357,21 @@ impl Lab {
             .append(true)
             .open(self.dir.join("sidecar.log"))
             .unwrap();
-        // As in a pod: the sandbox's network namespace, a cgroup of its own. `nsenter` keeps
-        // the host's /sys (where `ip netns exec` mounts a fresh one without cgroups); the shell
-        // moves itself into the cgroup and then becomes the sidecar.
+        // As in a pod: the sandbox's network namespace, a cgroup of its own, and the security
+        // context the controller gives the sidecar (root with NET_ADMIN alone, no privilege
+        // escalation). `nsenter` keeps the host's /sys (where `ip netns exec` mounts a fresh
+        // one without cgroups); the shell moves itself into the cgroup, then `setpriv` leaves
+        // only NET_ADMIN in the bounding set and execs the sidecar.
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", self.sandbox))
             .args(["sh", "-c", "echo $$ > \"$0\"/cgroup.procs && exec \"$@\""])
             .arg(&self.cgroup)
+            .args([
+                "setpriv",
+                "--bounding-set=-all,+net_admin",
+                "--inh-caps=-all",
+                "--no-new-privs",
+            ])
             .arg(env!("CARGO_BIN_EXE_egress-sidecar"));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -402,7 +410,7 @@ impl Lab {
 
     pub fn kill_sidecar(&mut self) {
         if let Some(mut child) = self.sidecar.take() {
-            // nsenter and the shell exec the program, so this is the sidecar itself: SIGKILL.
+            // nsenter, the shell and setpriv exec the program, so this is the sidecar itself.
             let _ = child.kill();
             let _ = child.wait();
         }
