@@ -11,6 +11,7 @@ mod leader;
 mod metrics;
 mod object;
 mod pod;
+mod recent;
 mod reconcile;
 mod secret;
 mod sidecar;
@@ -194,6 +195,7 @@ async fn run(config: Config) -> Result<(), String> {
                 instance: Some(election.identity.clone()),
             },
         )),
+        recent: recent::Recent::default(),
         egress_image: config.egress_image.clone(),
         egress_mode: config.egress_mode.clone(),
         max_replicas: config.max_replicas,

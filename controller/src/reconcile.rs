@@ -22,6 +22,7 @@ use crate::events::Events;
 use crate::metrics::metrics;
 use crate::object::BatchSandbox;
 use crate::pod::{self, Owner};
+use crate::recent::{Recent, Written};
 use crate::secret::Secrets;
 use crate::sidecar::Egress;
 use crate::status::{self, Observed, Problem};
@@ -32,6 +33,7 @@ pub struct Context {
     pub pods: Pods,
     pub secrets: Secrets,
     pub events: Events,
+    pub recent: Recent,
     pub egress_image: String,
     pub egress_mode: String,
     pub max_replicas: u32,
@@ -174,7 +176,7 @@ fn fence_problem(template: Option<&Value>) -> Option<Problem> {
 /// where the pod has no address yet. Nothing is written while there is nothing to publish and
 /// nothing was published.
 fn endpoints_update(
-    obj: &BatchSandbox,
+    current: Option<&str>,
     pods: &BTreeMap<u32, Arc<Pod>>,
     desired: u32,
 ) -> Option<String> {
@@ -186,7 +188,6 @@ fn endpoints_update(
                 .to_owned()
         })
         .collect();
-    let current = obj.annotation(names::ANNOTATION_ENDPOINTS);
     if current.is_none() && ips.iter().all(String::is_empty) {
         return None;
     }
@@ -215,8 +216,15 @@ async fn reconcile_inner(obj: &BatchSandbox, ctx: &Context) -> Result<Outcome, E
         .ok_or(Error::Missing("metadata.uid"))?;
     let api: Api<BatchSandbox> = Api::namespaced(ctx.client.clone(), namespace);
     let spec = &obj.spec;
+    let version = obj.metadata.resource_version.as_deref();
+    // Status and endpoints as last written, when the cache does not show them yet.
+    let ahead = ctx.recent.ahead_of(uid, version).unwrap_or_default();
     let empty = json!({});
-    let previous = obj.status.as_ref().unwrap_or(&empty);
+    let previous = ahead
+        .status
+        .as_ref()
+        .or(obj.status.as_ref())
+        .unwrap_or(&empty);
 
     // Expiry.
     let mut problem = spec.invalid.as_ref().map(|message| Problem {
@@ -226,6 +234,7 @@ async fn reconcile_inner(obj: &BatchSandbox, ctx: &Context) -> Result<Outcome, E
     let expires_in = match expiry(spec.expire_time.as_deref()) {
         Expiry::Due => {
             tracing::info!(%namespace, %name, "expired; deleting");
+            ctx.recent.forget(uid);
             match api.delete(name, &DeleteParams::background()).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
@@ -251,8 +260,15 @@ async fn reconcile_inner(obj: &BatchSandbox, ctx: &Context) -> Result<Outcome, E
     });
     let add = missing_tokens(obj, policy.is_some());
     if !add.is_empty() {
-        let patch = Patch::Merge(json!({"metadata": {"annotations": add}}));
-        api.patch(name, &PatchParams::default(), &patch).await?;
+        // Only onto the version this pass read: tokens written by a pass the cache does not
+        // show yet are never replaced (the API server answers 409 and the next pass sees them).
+        let patch =
+            Patch::Merge(json!({"metadata": {"resourceVersion": version, "annotations": add}}));
+        match api.patch(name, &PatchParams::default(), &patch).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
         return Ok(Outcome::Annotated);
     }
 
@@ -293,12 +309,28 @@ async fn reconcile_inner(obj: &BatchSandbox, ctx: &Context) -> Result<Outcome, E
     let (pods, refused) = sync_pods(ctx, obj, &owner, desired, problem.is_none()).await?;
     problem = problem.or(refused);
 
-    // Endpoints, then status.
-    if let Some(encoded) = endpoints_update(obj, &pods, desired) {
+    // Endpoints, then status. Each write is remembered with the versions it made out of date.
+    let mut versions: Vec<String> = ahead.behind;
+    versions.extend(ahead.latest);
+    versions.extend(version.map(str::to_owned));
+    let before = versions.len();
+    let mut written = Written {
+        behind: Vec::new(),
+        latest: None,
+        status: ahead.status.clone(),
+        endpoints: ahead.endpoints,
+    };
+    let published = written
+        .endpoints
+        .as_deref()
+        .or(obj.annotation(names::ANNOTATION_ENDPOINTS));
+    if let Some(encoded) = endpoints_update(published, &pods, desired) {
         let patch = Patch::Merge(
             json!({"metadata": {"annotations": {names::ANNOTATION_ENDPOINTS: encoded}}}),
         );
-        api.patch(name, &PatchParams::default(), &patch).await?;
+        let after = api.patch(name, &PatchParams::default(), &patch).await?;
+        versions.extend(after.metadata.resource_version);
+        written.endpoints = Some(encoded);
     }
     if let Some(p) = problem.as_ref().filter(|p| !status::reports(previous, p)) {
         ctx.events
@@ -313,12 +345,23 @@ async fn reconcile_inner(obj: &BatchSandbox, ctx: &Context) -> Result<Outcome, E
     };
     let next = status::compute(&observed, previous, &now());
     if status::differs(&next, previous) {
-        api.patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": next})),
-        )
-        .await?;
+        let after = api
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": next})),
+            )
+            .await?;
+        versions.extend(after.metadata.resource_version);
+        written.status = Some(next);
+    }
+    if versions.len() > before {
+        // The last version holds every write; the ones before it do not.
+        written.latest = versions.pop();
+        versions.sort_unstable();
+        versions.dedup();
+        written.behind = versions;
+        ctx.recent.remember(uid, written);
     }
     Ok(Outcome::Done {
         problem: problem.is_some(),
@@ -512,6 +555,30 @@ mod tests {
                 .contains("; spec.template.spec.containers[0].name: \"egress\""),
             "{}",
             p.message
+        );
+    }
+
+    #[test]
+    fn endpoints_written_only_when_there_is_news() {
+        let pod = |ip: Option<&str>| -> Arc<Pod> {
+            Arc::new(serde_json::from_value(json!({"status": {"podIP": ip}})).unwrap())
+        };
+        let none = BTreeMap::from([(0, pod(None))]);
+        let one = BTreeMap::from([(0, pod(Some("10.0.0.1"))), (1, pod(None))]);
+        assert_eq!(
+            endpoints_update(None, &none, 1),
+            None,
+            "nothing to publish yet"
+        );
+        assert_eq!(
+            endpoints_update(None, &one, 2).as_deref(),
+            Some(r#"["10.0.0.1",""]"#)
+        );
+        assert_eq!(endpoints_update(Some(r#"["10.0.0.1",""]"#), &one, 2), None);
+        assert_eq!(
+            endpoints_update(Some(r#"["10.0.0.1"]"#), &BTreeMap::new(), 1).as_deref(),
+            Some(r#"[""]"#),
+            "a published address whose pod is gone is withdrawn"
         );
     }
 

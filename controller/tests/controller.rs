@@ -125,9 +125,14 @@ impl Env {
         Api::namespaced(self.plane.client.clone(), &self.ns)
     }
 
-    /// Whether namespace `ns` holds an event with `reason`.
-    fn has_event(&self, ns: &str, reason: &str) -> bool {
-        !self.event_notes(ns, reason).is_empty()
+    /// Waits for an event with `reason` in namespace `ns` (events are recorded off the
+    /// reconcile path, so they may follow the status by a moment).
+    fn wait_event(&self, ns: &str, reason: &str) {
+        eventually(
+            &format!("{reason} event in {ns}"),
+            Duration::from_secs(10),
+            || (!self.event_notes(ns, reason).is_empty()).then_some(()),
+        );
     }
 
     /// Notes of the events with `reason` in namespace `ns`, about any object.
@@ -358,7 +363,7 @@ fn end_to_end_controller_to_gateway() {
         seen.insert(host.as_str().unwrap().to_owned());
     }
     assert!(seen.contains(&format!("{ip3}:{port}")), "{seen:?}");
-    assert!(env.has_event("e2e", "SuccessfulCreate"));
+    env.wait_event("e2e", "SuccessfulCreate");
 }
 
 #[test]
@@ -452,10 +457,7 @@ fn bad_templates_and_policies_fail_clearly() {
         .clone();
     assert_eq!(c["reason"], "FailedCreate");
     assert!(c["message"].as_str().unwrap().contains("image"), "{c}");
-    assert!(
-        env.has_event("bad", "FailedCreate"),
-        "no FailedCreate event"
-    );
+    env.wait_event("bad", "FailedCreate");
     let before = controller.metric("sandbox_controller_reconciles_total");
     std::thread::sleep(Duration::from_secs(3));
     assert!(
