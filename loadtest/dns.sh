@@ -13,7 +13,8 @@
 # of FRESH names in 2001:db8:1::/48), so every answer must reach the nftables set first.
 #
 # Env: QUERIES (latency samples per scenario, 5000), SECONDS_QPS (5), CONCURRENCY (16),
-# FRESH (400000).
+# FRESH (400000); BASELINE_SIDECAR_BIN: another build of the sidecar (e.g. an earlier commit's)
+# measured first in the same run, on the same namespaces and dnsmasq, for a before/after table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,19 +61,43 @@ ip netns exec "$up" dnsmasq --no-daemon --no-resolv --no-hosts --bind-interfaces
   --listen-address=198.51.100.2 --local-ttl=300 --cache-size=10000 \
   --address=/bench.test/198.51.100.30 --addn-hosts="$work/fresh.hosts" --pid-file= >"$work/dnsmasq.log" 2>&1 &
 mkdir -p "$work/rules"
-(in_sidecar env \
-  OPENSANDBOX_EGRESS_MODE=dns+nft \
-  OPENSANDBOX_EGRESS_DNS_UPSTREAM=198.51.100.2 \
-  OPENSANDBOX_EGRESS_RULES='{"defaultAction":"deny","egress":[{"action":"allow","target":"*.bench.test"},{"action":"allow","target":"*.fresh.test"}]}' \
-  OPENSANDBOX_EGRESS_RULES_DIR="$work/rules" \
-  OPENSANDBOX_EGRESS_HTTP_ADDR=127.0.0.1:18080 \
-  OPENSANDBOX_EGRESS_LOG_LEVEL=warn \
-  target/release/egress-sidecar) >"$work/sidecar.log" 2>&1 &
-sidecar_pid=$!   # nsenter and sh exec the sidecar: same process
-for _ in $(seq 100); do
-  if ip netns exec "$sb" curl -s -m 1 http://127.0.0.1:18080/healthz 2>/dev/null | grep -q ok; then break; fi
-  sleep 0.1
-done
+sidecar_pid=
+# start_sidecar BIN: starts BIN as the sidecar and waits for its API.
+start_sidecar() {
+  (in_sidecar env \
+    OPENSANDBOX_EGRESS_MODE=dns+nft \
+    OPENSANDBOX_EGRESS_DNS_UPSTREAM=198.51.100.2 \
+    OPENSANDBOX_EGRESS_RULES='{"defaultAction":"deny","egress":[{"action":"allow","target":"*.bench.test"},{"action":"allow","target":"*.fresh.test"}]}' \
+    OPENSANDBOX_EGRESS_RULES_DIR="$work/rules" \
+    OPENSANDBOX_EGRESS_HTTP_ADDR=127.0.0.1:18080 \
+    OPENSANDBOX_EGRESS_LOG_LEVEL=warn \
+    "$1") >>"$work/sidecar.log" 2>&1 &
+  sidecar_pid=$!   # nsenter and sh exec the sidecar: same process
+  for _ in $(seq 100); do
+    if ip netns exec "$sb" curl -s -m 1 http://127.0.0.1:18080/healthz 2>/dev/null | grep -q ok; then return; fi
+    sleep 0.1
+  done
+  echo "sidecar $1 did not become healthy:" >&2
+  cat "$work/sidecar.log" >&2
+  exit 1
+}
+# stop_sidecar: kills it and removes its rules, so the next one starts clean.
+stop_sidecar() {
+  kill -9 "$sidecar_pid" 2>/dev/null || true
+  wait "$sidecar_pid" 2>/dev/null || true
+  ip netns exec "$sb" nft flush ruleset
+}
+measure() {
+  (in_sidecar target/release/examples/dns-bench 127.0.0.1:15353 198.51.100.2:53 \
+    "$QUERIES" "$SECONDS_QPS" "$CONCURRENCY")
+}
+baseline=
+if [ -n "${BASELINE_SIDECAR_BIN:-}" ]; then
+  start_sidecar "$BASELINE_SIDECAR_BIN"
+  baseline=$(measure)
+  stop_sidecar
+fi
+start_sidecar "$PWD/target/release/egress-sidecar"
 
 commit=$(git rev-parse --short HEAD)
 out="loadtest/results/$(date +%F)-$commit-dns.md"
@@ -80,8 +105,15 @@ out="loadtest/results/$(date +%F)-$commit-dns.md"
   echo "date $(date +%F), commit $commit, release build, $(nproc) cores; proxy, dnsmasq and client share them"
   echo "latency: $QUERIES sequential queries per cell; q/s: $CONCURRENCY clients for ${SECONDS_QPS}s"
   echo
-  (in_sidecar target/release/examples/dns-bench 127.0.0.1:15353 198.51.100.2:53 \
-    "$QUERIES" "$SECONDS_QPS" "$CONCURRENCY")
+  if [ -n "$baseline" ]; then
+    echo "baseline sidecar (BASELINE_SIDECAR_BIN, measured first):"
+    echo
+    echo "$baseline"
+    echo
+    echo "this commit's sidecar:"
+    echo
+  fi
+  measure
   echo
   target/release/examples/policy-bench
   echo
