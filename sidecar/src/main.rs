@@ -33,8 +33,45 @@ fn init_logging(level: &str) {
         .init();
 }
 
+/// What the command line asks for: the sidecar takes its settings from the environment, so the
+/// only arguments are `--version` and `--help`; anything else is refused, never ignored.
+fn command_line() -> Option<ExitCode> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        [] => None,
+        ["--version" | "-V"] => {
+            println!("egress-sidecar {}", env!("CARGO_PKG_VERSION"));
+            Some(ExitCode::SUCCESS)
+        }
+        ["--help" | "-h"] => {
+            println!(
+                "egress-sidecar {}: egress DNS proxy and nftables fence for one sandbox pod.\n\
+                 It takes no flags: settings come from OPENSANDBOX_EGRESS_* environment \
+                 variables (see the README).",
+                env!("CARGO_PKG_VERSION")
+            );
+            Some(ExitCode::SUCCESS)
+        }
+        _ => {
+            eprintln!(
+                "egress-sidecar: unexpected arguments {args:?}; settings come from \
+                 OPENSANDBOX_EGRESS_* environment variables (--version, --help)"
+            );
+            Some(ExitCode::from(2))
+        }
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
+    if let Some(code) = command_line() {
+        return code;
+    }
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
