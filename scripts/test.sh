@@ -10,6 +10,9 @@ export K8S_TESTENV_DIR
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# The Helm chart, with real Helm (helm-python-sdk) from a project-local virtualenv.
+venv=$(scripts/python-env.sh | tail -n 1)
+"$venv/bin/python" -m pytest -q -p no:cacheprovider charts/tests
 # The quick start must keep working: run it once and check that the curl answered.
 demo_out=$(mktemp)
 trap 'rm -f "$demo_out"' EXIT

@@ -261,7 +261,7 @@ impl ControlPlane {
 
     pub fn install_crds(&self) {
         let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
-        let dir = repo_root().join("charts/opensandbox/crds");
+        let dir = repo_root().join("charts/opensandbox/files/crds");
         let mut names = Vec::new();
         for entry in std::fs::read_dir(&dir).unwrap() {
             let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
