@@ -1,4 +1,4 @@
-.PHONY: demo test bench scale k8s-bench dns-bench controller-bench
+.PHONY: demo test images bench scale k8s-bench dns-bench controller-bench
 
 # Quick start: gateway + demo upstream on the bundled example sandboxes.
 demo:
@@ -7,6 +7,11 @@ demo:
 # Every check and test (installs what it needs).
 test:
 	scripts/test.sh
+
+# The three container images (buildah, FROM scratch), smoke-run with runc.
+images:
+	scripts/images.sh
+	scripts/image-smoke.sh
 
 # Gateway vs nginx vs direct on loopback; prints a table and a verdict.
 bench:

@@ -23,3 +23,6 @@ if ! grep -q "Hello from the demo sandbox" "$demo_out"; then
   exit 1
 fi
 echo "the quick start answered through the gateway"
+# The three images, built without a Docker daemon, each run once with runc.
+scripts/images.sh
+scripts/image-smoke.sh
