@@ -2,105 +2,23 @@
 //! status, and the real gateway routes by what the controller publishes.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
+mod harness;
 #[path = "../../gateway/tests/support/mod.rs"]
 mod support;
 
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use harness::{Controller, eventually, eventually_every};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
+use support::GatewayOptions;
 use support::client::get;
 use support::k8s::{ControlPlane, batch_resource};
-use support::{GatewayOptions, TempDir};
 
 const LABEL_NAME: &str = "batch-sandbox.sandbox.opensandbox.io/name";
 const LABEL_INDEX: &str = "batch-sandbox.sandbox.opensandbox.io/pod-index";
-
-struct Controller {
-    child: Child,
-    log: std::path::PathBuf,
-    /// Where `/healthz`, `/readyz` and `/metrics` answer (the controller picked the port).
-    health: SocketAddr,
-    _dir: TempDir,
-}
-
-impl Controller {
-    fn start(plane: &ControlPlane, extra: &[&str]) -> Self {
-        let dir = TempDir::new();
-        let log = dir.path().join("controller.log");
-        // Port 0: the controller binds and logs the address, so no port is released and
-        // bound again.
-        let child = Command::new(env!("CARGO_BIN_EXE_sandbox-controller"))
-            .arg("--kubeconfig")
-            .arg(&plane.kubeconfig)
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--health-port",
-                "0",
-                "--metrics-port",
-                "0",
-            ])
-            .args([
-                "--lease-duration-seconds",
-                "3",
-                "--egress-image",
-                "egress:test",
-            ])
-            .args(extra)
-            .env_remove("KUBECONFIG")
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start sandbox-controller");
-        let mut controller = Controller {
-            child,
-            log,
-            health: SocketAddr::from(([127, 0, 0, 1], 0)),
-            _dir: dir,
-        };
-        controller.health = eventually("health listener", Duration::from_secs(20), || {
-            controller.log_text().lines().find_map(|line| {
-                let entry: Value = serde_json::from_str(line).ok()?;
-                (entry["message"] == "listening" && entry["listener"] == "health")
-                    .then(|| entry["addr"].as_str()?.parse().ok())?
-            })
-        });
-        controller
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn metric(&self, name: &str) -> f64 {
-        let body = support::client::blocking_get(self.health, "/metrics")
-            .unwrap()
-            .body_text();
-        body.lines()
-            .find(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(' ')))
-            .and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no metric {name}"))
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "controller ({:?}) log:\n{}",
-                self.child.try_wait(),
-                self.log_text()
-            );
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 struct Env {
     plane: ControlPlane,
@@ -228,28 +146,6 @@ impl Env {
             &Patch::Merge(json!({"status": status})),
         ))
         .unwrap();
-    }
-}
-
-fn eventually<T>(what: &str, limit: Duration, f: impl FnMut() -> Option<T>) -> T {
-    eventually_every(what, limit, Duration::from_millis(50), f)
-}
-
-/// `eventually`, asking every `every`: listing a thousand objects is itself work that would
-/// slow down the controller under test.
-fn eventually_every<T>(
-    what: &str,
-    limit: Duration,
-    every: Duration,
-    mut f: impl FnMut() -> Option<T>,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "{what} not within {limit:?}");
-        std::thread::sleep(every);
     }
 }
 

@@ -235,7 +235,7 @@ impl ControlPlane {
         }
     }
 
-    fn write_kubeconfig(&self, path: &Path, token: &str) {
+    pub fn write_kubeconfig(&self, path: &Path, token: &str) {
         // The generated serving certificate file carries its CA as the second certificate.
         let ca = self
             .dir
