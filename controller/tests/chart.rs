@@ -303,6 +303,29 @@ fn chart_installs_with_least_privilege_and_runs_end_to_end() {
         "{}",
         controller.log_text()
     );
+
+    // Every metric the chart's alerts and dashboard query exists on the real binaries: after
+    // a refused connection (nothing on port 1) and a refused credential (a token set by hand).
+    let refused_port = get(gateway.addr, "/", &[("Host", "bs-1.sandbox.test")]);
+    assert_eq!(refused_port.status, 502, "{}", refused_port.body_text());
+    rt.block_on(boxes(&admin, Some(SANDBOXES)).patch(
+        "bs",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {
+            "opensandbox.io/secure-access-token": "token-set-by-hand"}}})),
+    ))
+    .unwrap();
+    eventually("credentials required", Duration::from_secs(20), || {
+        (get(gateway.addr, "/hello", &[("Host", &host)]).status == 401).then_some(())
+    });
+    let body = support::client::blocking_get(gateway.metrics, "/metrics")
+        .unwrap()
+        .body_text();
+    support::chart_metrics::assert_exposed("sandbox_gateway_", &body);
+    let body = support::client::blocking_get(controller.health, "/metrics")
+        .unwrap()
+        .body_text();
+    support::chart_metrics::assert_exposed("sandbox_controller_", &body);
     drop(gateway);
     drop(controller);
 

@@ -2,6 +2,8 @@
 //! failures, TCP fallback and the cache. (Upstream sockets carry SO_MARK, which needs root.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../gateway/tests/support/chart_metrics.rs"]
+mod chart_metrics;
 mod support;
 
 use std::net::SocketAddr;
@@ -235,6 +237,9 @@ async fn a_silent_upstream_gives_servfail_within_the_timeout_and_failover_answer
         started.elapsed()
     );
     drop(silent);
+    // This test made upstream failures and denied and allowed queries: every egress metric
+    // the chart's alerts and dashboard query is now exposed.
+    chart_metrics::assert_exposed("egress_", &sidecar::metrics::render());
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! Test harness: the real gateway binary, real upstream servers on loopback, a real HTTP client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod chart_metrics;
 pub mod client;
 pub mod k8s;
 pub mod upstream;
