@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+scripts/setup.sh buildah runc jq
 # vfs storage: works as root wherever overlay mounts are not allowed.
 buildah() { command buildah --storage-driver vfs "$@"; }
 prefix=${IMAGE_PREFIX:-localhost/opensandbox}
