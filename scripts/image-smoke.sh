@@ -4,8 +4,9 @@
 # image's user, with no capability unless stated:
 #   - every image answers --version with its name and the workspace version;
 #   - the gateway, on the file provider, answers /status.ok and /readyz;
-#   - the sidecar, in a network namespace of its own with NET_ADMIN alone and no privilege
-#     escalation (what the controller gives it), programs nftables with the image's own nft and
+#   - the sidecar, in a network namespace of its own, started as the controller starts it (root
+#     with NET_ADMIN, SETUID and SETGID alone, no privilege escalation, OPENSANDBOX_EGRESS_RUN_AS),
+#     becomes uid 65533 with NET_ADMIN alone, programs nftables with the image's own nft and
 #     answers /healthz.
 # Needs root. Prints one "ok: ..." line per check; exits non-zero on the first failure.
 set -euo pipefail
@@ -114,14 +115,15 @@ wait
 # The sidecar, fenced as the controller fences it.
 ip netns add "$netns"
 ip -n "$netns" link set lo up
-bundle sidecar "$prefix/egress-sidecar:$tag" '[]' '["CAP_NET_ADMIN"]' "/run/netns/$netns"
+bundle sidecar "$prefix/egress-sidecar:$tag" '[]' '["CAP_NET_ADMIN", "CAP_SETUID", "CAP_SETGID"]' "/run/netns/$netns"
 jq '.process.env += [
       "OPENSANDBOX_EGRESS_MODE=dns+nft",
       "OPENSANDBOX_EGRESS_DNS_UPSTREAM=192.0.2.53",
       "OPENSANDBOX_EGRESS_RULES={\"defaultAction\":\"deny\",\"egress\":[{\"action\":\"allow\",\"target\":\"*.example.test\"}]}",
       "OPENSANDBOX_EGRESS_RULES_DIR=/tmp",
       "OPENSANDBOX_EGRESS_POLICY_FILE=/tmp/policy.json",
-      "OPENSANDBOX_EGRESS_TOKEN=smoke-token"]' \
+      "OPENSANDBOX_EGRESS_TOKEN=smoke-token",
+      "OPENSANDBOX_EGRESS_RUN_AS=65533:65533"]' \
   "$work/sidecar/config.json" >"$work/sidecar/config.new" && mv "$work/sidecar/config.new" "$work/sidecar/config.json"
 # On a host that still mounts cgroup v1 (cgroup2 only at /sys/fs/cgroup/unified), runc gives the
 # container the v1 hierarchies alone; a kubelet on such a node does the same, and the sidecar
@@ -137,6 +139,8 @@ ip netns exec "$netns" nft list table inet opensandbox >/dev/null || fail "sidec
 pid=$(runc state "$id-sidecar" | jq -r .pid)
 caps=$(awk '/^CapEff/ { print $2 }' "/proc/$pid/status")
 [ "$caps" = "0000000000001000" ] || fail "sidecar image: effective capabilities $caps, not NET_ADMIN alone"
-echo "ok: sidecar image programs nftables with its own nft and serves /healthz, with NET_ADMIN alone and no-new-privs"
+uid=$(awk '/^Uid/ { print $2 }' "/proc/$pid/status")
+[ "$uid" = 65533 ] || fail "sidecar image: runs as uid $uid, not 65533"
+echo "ok: sidecar image becomes uid 65533 with NET_ADMIN alone, programs nftables with its own nft and serves /healthz"
 runc kill "$id-sidecar" TERM
 wait

@@ -22,8 +22,11 @@ pub struct Egress<'a> {
 const STARTUP_PROBE_FAILURES: u32 = 120;
 
 /// The sidecar's own security context, complete so that nothing the template sets for the pod
-/// (`runAsUser`, `runAsNonRoot`, ...) reaches it: it programs nftables as root with
-/// `NET_ADMIN` and no other capability, and writes only to its state volume.
+/// (`runAsUser`, `runAsNonRoot`, ...) reaches it. It starts as root with `NET_ADMIN`, `SETUID`
+/// and `SETGID` only (Kubernetes grants an added capability to a non-root process only through
+/// file capabilities, which need privilege escalation) and at once becomes its own uid
+/// ([`egress::SIDECAR_UID`], `OPENSANDBOX_EGRESS_RUN_AS`) with `NET_ADMIN` alone; it writes only
+/// to its state volume.
 fn security_context() -> Value {
     json!({
         "runAsUser": 0,
@@ -32,7 +35,7 @@ fn security_context() -> Value {
         "privileged": false,
         "allowPrivilegeEscalation": false,
         "readOnlyRootFilesystem": true,
-        "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]},
+        "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "SETUID", "SETGID"]},
         "seccompProfile": {"type": "RuntimeDefault"},
     })
 }
@@ -52,6 +55,7 @@ pub fn container(egress: &Egress<'_>) -> Value {
                 "key": egress::SECRET_TOKEN_KEY,
             }}},
             {"name": env::POLICY_FILE, "value": egress::STATE_POLICY_FILE},
+            {"name": env::RUN_AS, "value": format!("{0}:{0}", egress::SIDECAR_UID)},
         ],
         // An emptyDir, so a restarted sidecar finds the API's changes (the pod bounds them).
         "volumeMounts": [{"name": egress::STATE_VOLUME, "mountPath": egress::STATE_DIR}],
@@ -117,7 +121,7 @@ mod tests {
         let security = &sidecar["securityContext"];
         assert_eq!(
             security["capabilities"],
-            json!({"drop": ["ALL"], "add": ["NET_ADMIN"]})
+            json!({"drop": ["ALL"], "add": ["NET_ADMIN", "SETUID", "SETGID"]})
         );
         // A pod-level runAsUser / runAsNonRoot in the template must not reach the sidecar.
         assert_eq!(
@@ -151,6 +155,7 @@ mod tests {
             find(env::POLICY_FILE)["value"],
             "/var/egress/state/policy.json"
         );
+        assert_eq!(find(env::RUN_AS)["value"], "65533:65533");
         assert_eq!(
             find(env::TOKEN),
             &json!({"name": env::TOKEN, "valueFrom": {"secretKeyRef": {"name": "bs-egress-token", "key": "token"}}})

@@ -516,7 +516,15 @@ fn assert_fenced(pod: &Pod, secret: &str, tokens: &[&str]) {
     let caps = security.capabilities.unwrap();
     assert_eq!(
         (caps.add.unwrap(), caps.drop.unwrap()),
-        (vec!["NET_ADMIN".to_owned()], vec!["ALL".to_owned()])
+        (
+            vec![
+                "NET_ADMIN".to_owned(),
+                "SETUID".to_owned(),
+                "SETGID".to_owned()
+            ],
+            vec!["ALL".to_owned()]
+        ),
+        "root with the capabilities to become its own user keeping NET_ADMIN alone"
     );
     assert!(
         spec.volumes

@@ -83,6 +83,7 @@ pub enum ConfigError {
     PrivateCidrs(String),
     #[error("{DNS_LISTEN}: {0:?} is not a socket address")]
     DnsListen(String),
+
     #[error("{POLICY_FILE}: cannot read {path}: {error}")]
     PolicyFileRead { path: String, error: std::io::Error },
 }

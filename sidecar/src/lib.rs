@@ -12,4 +12,5 @@ pub mod identity;
 pub mod metrics;
 pub mod netlink;
 pub mod nft;
+pub mod privileges;
 pub mod state;

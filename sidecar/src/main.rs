@@ -67,20 +67,54 @@ fn command_line() -> Option<ExitCode> {
     }
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     if let Some(code) = command_line() {
         return code;
     }
+    // Leave root before reading anything, and before any other thread exists (capability sets
+    // belong to each thread): the policy file was written by the sidecar's own user.
+    let run_as = match sidecar::privileges::run_as_from_env() {
+        Ok(run_as) => run_as,
+        Err(e) => return cannot_start(&e),
+    };
+    if let Some((uid, gid)) = run_as
+        && let Err(e) = sidecar::privileges::become_user(uid, gid)
+    {
+        return cannot_start(&e);
+    }
     let config = match Config::from_env() {
         Ok(c) => c,
-        Err(e) => {
-            init_logging("info");
-            tracing::error!(error = %e, "egress sidecar cannot start");
-            return ExitCode::from(2);
-        }
+        Err(e) => return cannot_start(&e),
     };
     init_logging(&config.log_level);
+    if let Some((uid, gid)) = run_as {
+        tracing::info!(
+            uid,
+            gid,
+            "running as the sidecar's own user with NET_ADMIN alone"
+        );
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve(config))
+}
+
+fn cannot_start(error: &dyn std::fmt::Display) -> ExitCode {
+    init_logging("info");
+    tracing::error!(error = %error, "egress sidecar cannot start");
+    ExitCode::from(2)
+}
+
+async fn serve(config: Config) -> ExitCode {
     metrics::init();
     for warning in &config.warnings {
         tracing::warn!("{warning}");

@@ -104,6 +104,11 @@ fn a_process_with_net_raw_cannot_pass_for_the_sidecar() {
         ("OPENSANDBOX_EGRESS_MODE", "dns+nft"),
         ("OPENSANDBOX_EGRESS_RULES", ALLOW_ALLOWED),
     ]);
+    // The sidecar is its own user now, with NET_ADMIN alone (its `nft` children inherit it).
+    assert_eq!(lab.sidecar_status("Uid"), "65533\t65533\t65533\t65533");
+    for set in ["CapEff", "CapPrm", "CapAmb"] {
+        assert_eq!(lab.sidecar_status(set), "0000000000001000", "{set}");
+    }
     // The denied address, whatever mark the socket carries: no TCP, no UDP, and a query sent
     // straight to the resolver is still answered by the sidecar's policy.
     let lines = attack(&lab, BLOCKED_IP, BLOCKED_IP6, "blocked.test");

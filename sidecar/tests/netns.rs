@@ -429,6 +429,31 @@ fn bad_configuration_starts_deny_all_or_fails_clearly() {
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("NET_ADMIN"), "{text}");
+
+    // Asked to leave root but not allowed to (no SETUID), or asked for root or nonsense: it
+    // stops, naming what is wrong, and never runs as root instead.
+    for (run_as, says) in [
+        ("65533:65533", "SETUID and SETGID"),
+        ("0:0", "OPENSANDBOX_EGRESS_RUN_AS"),
+        ("sidecar", "OPENSANDBOX_EGRESS_RUN_AS"),
+    ] {
+        let out = lab
+            .in_sandbox("setpriv")
+            .args([
+                "--bounding-set=-all,+net_admin",
+                "--inh-caps=-all",
+                "--",
+                env!("CARGO_BIN_EXE_egress-sidecar"),
+            ])
+            .env("OPENSANDBOX_EGRESS_MODE", "dns+nft")
+            .env("OPENSANDBOX_EGRESS_DNS_UPSTREAM", support::DNS)
+            .env("OPENSANDBOX_EGRESS_RUN_AS", run_as)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{run_as}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(says), "{run_as}: {text}");
+    }
 }
 
 #[test]

@@ -23,6 +23,8 @@ pub mod env {
     pub const ALLOW_PRIVATE_ANSWERS: &str = "OPENSANDBOX_EGRESS_ALLOW_PRIVATE_ANSWERS";
     /// Where the DNS proxy listens; not an operator setting in the reference, kept for tests.
     pub const DNS_LISTEN: &str = "OPENSANDBOX_EGRESS_DNS_LISTEN";
+    /// `<uid>:<gid>` the sidecar becomes after start-up, keeping only `NET_ADMIN`.
+    pub const RUN_AS: &str = "OPENSANDBOX_EGRESS_RUN_AS";
 }
 
 /// Enforcement modes (`OPENSANDBOX_EGRESS_MODE`).
@@ -52,6 +54,10 @@ pub const SECRET_TOKEN_KEY: &str = "token";
 /// Mark on the sidecar's own upstream sockets. The mark alone proves nothing (any process with
 /// CAP_NET_RAW can set it); the rules also require the socket to belong to the sidecar's cgroup.
 pub const SOCKET_MARK: u32 = 0x1;
+
+/// The uid and gid the injected sidecar runs as once started: its own, used by nothing else
+/// in the pod.
+pub const SIDECAR_UID: u32 = 65533;
 
 /// Longest Kubernetes object name (a DNS-1123 subdomain).
 const MAX_OBJECT_NAME: usize = 253;

@@ -170,6 +170,9 @@ fn wait_udp(listen: &str, port: u16, child: &mut Child) -> bool {
     false
 }
 
+/// The uid:gid the sidecar becomes, as the controller configures it.
+pub const SIDECAR_USER: &str = "65533:65533";
+
 impl Lab {
     pub fn new() -> Lab {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
@@ -179,6 +182,9 @@ impl Lab {
         let dir = std::env::temp_dir().join(format!("egress-lab-{id}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("rules")).unwrap();
+        // The sidecar, once it is its own user, writes its policy file here (a pod gives it an
+        // emptyDir it can write).
+        ok(Command::new("chown").arg(SIDECAR_USER).arg(&dir));
         let cgroup = cgroup2_mount().join(format!("egress-lab-{id}"));
         let _ = std::fs::create_dir(&cgroup);
         let mut lab = Lab {
@@ -358,17 +364,18 @@ impl Lab {
             .open(self.dir.join("sidecar.log"))
             .unwrap();
         // As in a pod: the sandbox's network namespace, a cgroup of its own, and the security
-        // context the controller gives the sidecar (root with NET_ADMIN alone, no privilege
-        // escalation). `nsenter` keeps the host's /sys (where `ip netns exec` mounts a fresh
-        // one without cgroups); the shell moves itself into the cgroup, then `setpriv` leaves
-        // only NET_ADMIN in the bounding set and execs the sidecar.
+        // context the controller gives the sidecar (started as root with NET_ADMIN, SETUID and
+        // SETGID alone, no privilege escalation, becoming its own uid with NET_ADMIN alone).
+        // `nsenter` keeps the host's /sys (where `ip netns exec` mounts a fresh one without
+        // cgroups); the shell moves itself into the cgroup, then `setpriv` leaves only those
+        // capabilities in the bounding set and execs the sidecar.
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", self.sandbox))
             .args(["sh", "-c", "echo $$ > \"$0\"/cgroup.procs && exec \"$@\""])
             .arg(&self.cgroup)
             .args([
                 "setpriv",
-                "--bounding-set=-all,+net_admin",
+                "--bounding-set=-all,+net_admin,+setuid,+setgid",
                 "--inh-caps=-all",
                 "--no-new-privs",
             ])
@@ -380,6 +387,7 @@ impl Lab {
             .env("OPENSANDBOX_EGRESS_POLICY_FILE", self.policy_file())
             .env("OPENSANDBOX_EGRESS_TOKEN", TOKEN)
             .env("OPENSANDBOX_EGRESS_HTTP_ADDR", "127.0.0.1:18080")
+            .env("OPENSANDBOX_EGRESS_RUN_AS", SIDECAR_USER)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -406,6 +414,18 @@ impl Lab {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Lines of the running sidecar's /proc status (`Uid`, `CapEff`, ...), by name.
+    pub fn sidecar_status(&self, field: &str) -> String {
+        let pid = self.sidecar.as_ref().expect("sidecar running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .unwrap_or_else(|| panic!("no {field} in the sidecar's status"))
+            .trim()
+            .to_owned()
     }
 
     pub fn kill_sidecar(&mut self) {
