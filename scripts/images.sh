@@ -13,7 +13,7 @@
 # unchanged build is not redone, labelled with a hash of their files: an image whose hash
 # matches is kept. Prints one "image <name> <ref>" line per image.
 # Env: IMAGE_PREFIX, IMAGE_TAG (default: the workspace version), IMAGE_SOURCE (the source label;
-# default: the git remote `origin`), ARCHIVE_DIR (when set, each
+# default: the git remote `origin` when it is a URL), ARCHIVE_DIR (when set, each
 # image is also written there as an OCI archive, <name>.tar, for `skopeo copy` or `ctr import`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +26,8 @@ version=$(awk -F'"' '/^version = / { print $2; exit }' Cargo.toml)
 tag=${IMAGE_TAG:-$version}
 revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 source_url=${IMAGE_SOURCE:-$(git remote get-url origin 2>/dev/null || true)}
+# Only a public address: a clone of a local directory has a path there.
+case "$source_url" in http://* | https://* | git@*) ;; *) source_url="" ;; esac
 
 cargo build --release --locked -p gateway -p controller -p sidecar \
   --bin sandbox-gateway --bin sandbox-controller --bin egress-sidecar >&2
