@@ -167,25 +167,41 @@ pub enum ParseError {
     },
     #[error("document {index}: sandbox without metadata.name")]
     Unnamed { index: usize },
+    #[error("document {index} is not a Kubernetes object (no apiVersion or kind)")]
+    NotAnObject { index: usize },
+    #[error(
+        "the file holds no object (to empty the table on purpose, write apiVersion: v1, kind: List, items: [])"
+    )]
+    Empty,
 }
 
 /// Reads every sandbox from multi-document YAML; `kind: List` documents are flattened and
-/// objects of other kinds are skipped.
+/// objects of other kinds are skipped. A file with no object at all, or a document that is not
+/// a Kubernetes object, is an error (a truncated or mistaken file must not empty the table); an
+/// empty table is written as an empty `kind: List`.
 pub fn parse_documents(text: &str) -> Result<Vec<Sandbox>, ParseError> {
     let mut out = Vec::new();
+    let mut objects = 0;
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         // Straight into the routing view: no intermediate value tree, whose size would dwarf
         // the table for large files.
         let object = Option::<Object>::deserialize(document)
             .map_err(|source| ParseError::Yaml { index, source })?;
         if let Some(object) = object {
+            objects += 1;
             collect(&object, index, &mut out)?;
         }
+    }
+    if objects == 0 {
+        return Err(ParseError::Empty);
     }
     Ok(out)
 }
 
 fn collect(object: &Object, index: usize, out: &mut Vec<Sandbox>) -> Result<(), ParseError> {
+    if object.api_version.trim().is_empty() || object.kind.trim().is_empty() {
+        return Err(ParseError::NotAnObject { index });
+    }
     for item in &object.items {
         collect(item, index, out)?;
     }
@@ -281,7 +297,32 @@ items:
             parse_documents(unnamed),
             Err(ParseError::Unnamed { index: 0 })
         ));
-        assert!(parse_documents("").unwrap().is_empty());
+        // Nothing, or something that is not a Kubernetes object, never empties the table.
+        for nothing in ["", "\n", "# just a comment\n", "---\n---\n"] {
+            assert!(
+                matches!(parse_documents(nothing), Err(ParseError::Empty)),
+                "{nothing:?}"
+            );
+        }
+        for not_object in [
+            "name: demo\nready: 1\n",
+            "kind: BatchSandbox\nmetadata: {name: a}\n",
+            "apiVersion: v1\nkind: List\nitems:\n- metadata: {name: a}\n",
+        ] {
+            assert!(
+                matches!(
+                    parse_documents(not_object),
+                    Err(ParseError::NotAnObject { index: 0 })
+                ),
+                "{not_object:?}"
+            );
+        }
+        // An empty table on purpose.
+        assert!(
+            parse_documents("apiVersion: v1\nkind: List\nitems: []\n")
+                .unwrap()
+                .is_empty()
+        );
     }
 
     proptest::proptest! {

@@ -58,6 +58,22 @@ fn sandbox_file_changes_apply_within_a_second() {
         gw.log_text().contains("keeping the previous table")
     });
 
+    // An emptied file, or YAML that is not a Kubernetes object (a half-written or mistaken
+    // file), is a load error too: counted, and the table stays.
+    for (i, mistaken) in ["", "name: second\nready: 1\n"].into_iter().enumerate() {
+        let before = gw.metric("sandbox_gateway_provider_errors_total");
+        dir.write("s.yaml", mistaken);
+        wait_for(
+            &format!("mistaken file {i} counted"),
+            Duration::from_secs(2),
+            || gw.metric("sandbox_gateway_provider_errors_total") > before,
+        );
+        assert_eq!(status("second"), 200, "mistaken file {i} kept the table");
+    }
+    assert!(gw.log_text().contains("the file holds no object"));
+    assert!(gw.log_text().contains("is not a Kubernetes object"));
+    dir.write("s.yaml", &second);
+
     // A removed file keeps the table too, and a restored one is read again.
     std::fs::remove_file(&file).unwrap();
     std::thread::sleep(Duration::from_millis(400));
@@ -65,6 +81,12 @@ fn sandbox_file_changes_apply_within_a_second() {
     dir.write("s.yaml", &first);
     wait_for("restored file read", Duration::from_secs(1), || {
         status("first") == 200
+    });
+
+    // Emptying the table on purpose: an empty List.
+    dir.write("s.yaml", "apiVersion: v1\nkind: List\nitems: []\n");
+    wait_for("table emptied on purpose", Duration::from_secs(1), || {
+        status("first") == 404
     });
 }
 
@@ -80,7 +102,16 @@ fn readiness_waits_for_a_readable_file() {
             .status,
         503
     );
+    // An empty file is not a table yet.
     dir.write("later.yaml", "");
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        support::client::blocking_get(gw.metrics, "/readyz")
+            .unwrap()
+            .status,
+        503
+    );
+    dir.write("later.yaml", "apiVersion: v1\nkind: List\nitems: []\n");
     gw.wait_ready();
 }
 
