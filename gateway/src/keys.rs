@@ -1,4 +1,5 @@
-//! Re-reading the signing-keys file when it changes. A file that fails to parse keeps the
+//! Re-reading the signing-keys file when it changes. A file that fails to parse, cannot be
+//! read, or holds no key after keys were loaded (emptied, or caught half-written) keeps the
 //! previous keys.
 
 use std::path::PathBuf;
@@ -33,7 +34,17 @@ impl BackgroundService for KeysReloader {
                 _ = ticker.tick() => {}
             }
             let result = match watch.read_if_changed().await {
-                Ok(Some(text)) => KeyRing::parse(&text).map_err(|e| e.to_string()),
+                Ok(Some(text)) => {
+                    KeyRing::parse(&text)
+                        .map_err(|e| e.to_string())
+                        .and_then(|ring| {
+                            if ring.is_empty() && !self.keys.load().is_empty() {
+                                Err("the file holds no key".to_owned())
+                            } else {
+                                Ok(ring)
+                            }
+                        })
+                }
                 Ok(None) => continue,
                 Err(e) => {
                     watch.reset();
@@ -55,6 +66,21 @@ impl BackgroundService for KeysReloader {
                 }
                 Err(_) => {}
             }
+        }
+    }
+}
+
+/// Warns when the keys file can be read by anyone but its owner: the keys sign every route.
+pub fn warn_if_exposed(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:o}"),
+                "the secure-access keys file is readable by group or others; make it 0600 or 0400"
+            );
         }
     }
 }

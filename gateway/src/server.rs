@@ -132,6 +132,7 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
         server.add_service(background_service(&name, BoxedBackground(service)));
     }
     if let Some(path) = config.secure_access_keys_file.clone() {
+        crate::keys::warn_if_exposed(&path);
         server.add_service(background_service(
             "key reloader",
             KeysReloader { path, keys },

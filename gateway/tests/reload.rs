@@ -148,9 +148,46 @@ fn key_file_is_reloaded() {
         gw.metric("sandbox_gateway_key_reload_errors_total") >= 1.0
     });
     assert_eq!(signed(), 200, "a broken key file keeps the previous keys");
+    // Emptied (or caught half-written): the keys stay too.
+    dir.write("keys", "");
+    wait_for("empty key file counted", Duration::from_secs(2), || {
+        gw.metric("sandbox_gateway_key_reload_errors_total") >= 2.0
+    });
+    assert_eq!(signed(), 200, "an empty key file keeps the previous keys");
+    assert!(gw.log_text().contains("the file holds no key"));
     assert!(
         !gw.log_text().contains("cHFycw"),
         "secrets must not be logged"
+    );
+    // The file was left readable by others (0644): said at start.
+    assert!(
+        gw.log_text()
+            .contains("readable by group or others; make it 0600 or 0400"),
+        "{}",
+        gw.log_text()
+    );
+}
+
+#[test]
+fn a_private_key_file_gets_no_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new();
+    let file = dir.write("s.yaml", "apiVersion: v1\nkind: List\nitems: []\n");
+    let keys = dir.write("keys", "k=cHFycw==\n");
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let opts = GatewayOptions {
+        extra: vec![
+            "--secure-access-keys-file".into(),
+            keys.display().to_string(),
+        ],
+        ..Default::default()
+    };
+    let gw = Gateway::start(&file, opts);
+    assert!(gw.log_text().contains("sandbox gateway starting"));
+    assert!(
+        !gw.log_text().contains("readable by group or others"),
+        "{}",
+        gw.log_text()
     );
 }
 
