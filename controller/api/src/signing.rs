@@ -244,6 +244,7 @@ mod tests {
         #[test]
         fn signatures_verify_only_with_their_key(
             secret in proptest::collection::vec(any::<u8>(), 1..64),
+            other in proptest::collection::vec(any::<u8>(), 1..64),
             id in "[a-z0-9-]{1,40}",
             port in 1u16..,
             expires in 1u64..,
@@ -257,6 +258,11 @@ mod tests {
             prop_assert_eq!(verify(&keys, &id, &port, &exp, sig, expires), Ok(()));
             prop_assert_eq!(verify(&keys, &id, &port, &exp, sig, expires - 1), Ok(()));
             prop_assert_eq!(verify(&keys, &format!("{id}x"), &port, &exp, sig, 0), Err(SignatureError::Mismatch));
+            // Another secret under the same key id does not verify it (the 32-bit signature
+            // could collide once in 2^32 cases; proptest tries a few hundred).
+            prop_assume!(other != secret);
+            let others = Keys(vec![(b'a', other)]);
+            prop_assert_eq!(verify(&others, &id, &port, &exp, sig, expires), Err(SignatureError::Mismatch));
         }
 
         #[test]
