@@ -243,11 +243,32 @@ fn bad_endpoints_never_route() {
         Some(format!("[::1]:{port}"))
     );
     assert!(gw.metric("sandbox_gateway_upstream_refused_total") >= 2.0);
-    assert_eq!(
-        gw.metric("sandbox_gateway_upstream_errors_total"),
-        0.0,
-        "nothing outside the policy was dialled"
+    // Nothing outside the policy was dialled: each refused sandbox's access-log line exists,
+    // says 503 and names no upstream (a dialled one names it).
+    let log = gw.log_text();
+    let access = |name: &str| -> Vec<serde_json::Value> {
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["target"] == "access" && e["sandbox"] == name)
+            .collect()
+    };
+    assert!(
+        access("emptyfirst")
+            .iter()
+            .any(|e| e["upstream"] == format!("{ip}:{port}").as_str()),
+        "{log}"
     );
+    for name in ["linklocal", "outside"] {
+        let lines = access(name);
+        assert!(!lines.is_empty(), "no access-log line for {name}:\n{log}");
+        for e in lines {
+            assert_eq!(e["status"], 503, "{e}");
+            assert!(
+                e["upstream"].is_null() || e["upstream"] == "",
+                "{name} was dialled: {e}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -127,9 +127,55 @@ pub fn gateway_binary() -> String {
             // Other packages' tests: the workspace's binaries sit next to the test's `deps/`.
             let exe = std::env::current_exe().ok()?;
             let bin = exe.parent()?.parent()?.join("sandbox-gateway");
-            bin.exists().then(|| bin.display().to_string())
+            bin.exists().then(|| {
+                refuse_stale(&bin);
+                bin.display().to_string()
+            })
         })
         .expect("set SANDBOX_GATEWAY_BIN to the sandbox-gateway binary")
+}
+
+/// Panics when `bin` is older than a source it is built from: a test must not pass or fail
+/// on yesterday's gateway (`cargo test --workspace` builds it first; a single package's tests
+/// do not).
+fn refuse_stale(bin: &Path) {
+    fn newest(dir: &Path) -> Option<std::time::SystemTime> {
+        let mut latest = None;
+        for entry in std::fs::read_dir(dir).ok()?.flatten() {
+            let path = entry.path();
+            let t = if path.is_dir() {
+                newest(&path)
+            } else {
+                entry.metadata().ok()?.modified().ok()
+            };
+            latest = latest.max(t);
+        }
+        latest
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .find(|d| d.join("gateway/src").is_dir())
+        .map(Path::to_path_buf);
+    let (Some(root), Ok(built)) = (root, std::fs::metadata(bin).and_then(|m| m.modified())) else {
+        return;
+    };
+    let sources = ["gateway/src", "controller/api/src"]
+        .iter()
+        .filter_map(|d| newest(&root.join(d)))
+        .chain(
+            ["gateway/Cargo.toml", "Cargo.lock"]
+                .iter()
+                .filter_map(|f| std::fs::metadata(root.join(f)).ok()?.modified().ok()),
+        )
+        .max();
+    if let Some(source) = sources {
+        assert!(
+            built >= source,
+            "{} is older than its sources; build it first (cargo build -p gateway --bin \
+             sandbox-gateway, or cargo test --workspace)",
+            bin.display()
+        );
+    }
 }
 
 impl Gateway {
