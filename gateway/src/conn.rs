@@ -25,10 +25,49 @@ use tokio::time::{Instant, Sleep};
 enum Phase {
     /// Idle between requests: the deadline is the keep-alive timeout.
     Idle,
-    /// Inside a header: `matched` counts the bytes of `\r\n\r\n` seen so far.
-    Header { matched: u8 },
+    /// Inside a header, under the header deadline.
+    Header(HeaderScan),
     /// Header complete: body and upgraded traffic are bounded by the proxy's own timeouts.
     Body,
+}
+
+/// Finds the end of a request header the way HTTP parsers read one: blank lines before the
+/// request line are skipped (so they count as header bytes, under the deadline, and cannot end
+/// the header), lines end with LF or CRLF, and the first empty line after the request line ends
+/// the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderScan {
+    /// A non-blank byte has been seen: the request line has begun.
+    started: bool,
+    /// Nothing but CR on the current line so far.
+    line_empty: bool,
+}
+
+impl Default for HeaderScan {
+    fn default() -> Self {
+        Self {
+            started: false,
+            line_empty: true,
+        }
+    }
+}
+
+impl HeaderScan {
+    /// Feeds bytes; the index just past the header's end when it ends within them.
+    pub fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
+        for (i, &b) in bytes.iter().enumerate() {
+            match b {
+                b'\n' if self.started && self.line_empty => return Some(i + 1),
+                b'\n' => self.line_empty = true,
+                b'\r' => {}
+                _ => {
+                    self.started = true;
+                    self.line_empty = false;
+                }
+            }
+        }
+        None
+    }
 }
 
 #[derive(Debug)]
@@ -48,7 +87,7 @@ impl DeadlineStream {
             inner,
             timeout,
             keepalive,
-            phase: Phase::Header { matched: 0 },
+            phase: Phase::Header(HeaderScan::default()),
             deadline: Box::pin(tokio::time::sleep(timeout)),
             next_request: AtomicBool::new(false),
         }
@@ -65,28 +104,15 @@ impl DeadlineStream {
             return;
         }
         if matches!(self.phase, Phase::Idle) {
-            self.phase = Phase::Header { matched: 0 };
+            self.phase = Phase::Header(HeaderScan::default());
             let at = Instant::now() + self.timeout;
             self.deadline.as_mut().reset(at);
         }
-        let Phase::Header { mut matched } = self.phase else {
-            return;
-        };
-        const END: &[u8; 4] = b"\r\n\r\n";
-        for &b in bytes {
-            matched = if b == END[usize::from(matched)] {
-                matched + 1
-            } else if b == b'\r' {
-                1
-            } else {
-                0
-            };
-            if matched == 4 {
-                self.phase = Phase::Body;
-                return;
-            }
+        if let Phase::Header(scan) = &mut self.phase
+            && scan.feed(bytes).is_some()
+        {
+            self.phase = Phase::Body;
         }
-        self.phase = Phase::Header { matched };
     }
 }
 
@@ -103,7 +129,7 @@ impl AsyncRead for DeadlineStream {
             this.deadline.as_mut().reset(at);
         }
         match this.phase {
-            Phase::Header { .. } if this.deadline.as_mut().poll(cx).is_ready() => {
+            Phase::Header(_) if this.deadline.as_mut().poll(cx).is_ready() => {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "request header not received within the header timeout",
@@ -229,5 +255,75 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
 
     async fn cleanup(&self) {
         self.inner.cleanup().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeaderScan;
+    use proptest::prelude::*;
+
+    fn ends_at(chunks: &[&[u8]]) -> Option<usize> {
+        let mut scan = HeaderScan::default();
+        let mut offset = 0;
+        for chunk in chunks {
+            if let Some(at) = scan.feed(chunk) {
+                return Some(offset + at);
+            }
+            offset += chunk.len();
+        }
+        None
+    }
+
+    #[test]
+    fn header_ends_at_the_first_empty_line_after_the_request_line() {
+        let crlf = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody";
+        assert_eq!(ends_at(&[crlf]), Some(crlf.len() - 4));
+        let lf = b"GET / HTTP/1.1\nHost: a\n\nbody";
+        assert_eq!(ends_at(&[lf]), Some(lf.len() - 4));
+        let leading = b"\r\n\n\r\nGET / HTTP/1.1\r\n\r\n";
+        assert_eq!(ends_at(&[leading]), Some(leading.len()));
+        // Blank lines alone never end a header: they are what a slowloris client sends.
+        assert_eq!(ends_at(&[b"\r\n\r\n\r\n\n\n\r\n"]), None);
+        assert_eq!(ends_at(&[b"GET / HTTP/1.1\r\nHost: a\r\n"]), None);
+    }
+
+    proptest! {
+        #[test]
+        fn blank_lines_never_end_a_header(lines in proptest::collection::vec(prop_oneof![Just("\r\n"), Just("\n"), Just("\r")], 0..200)) {
+            let text = lines.concat();
+            prop_assert_eq!(ends_at(&[text.as_bytes()]), None);
+        }
+
+        #[test]
+        fn a_header_ends_where_it_ends_however_it_is_split(
+            blank in proptest::collection::vec(prop_oneof![Just("\r\n"), Just("\n")], 0..5),
+            fields in proptest::collection::vec("[A-Za-z-]{1,10}: [ -~]{0,20}", 0..6),
+            crlf: bool,
+            body in "[ -~\r\n]{0,40}",
+            cuts in proptest::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let eol = if crlf { "\r\n" } else { "\n" };
+            let mut header = blank.concat();
+            header.push_str("GET / HTTP/1.1");
+            header.push_str(eol);
+            for f in &fields {
+                header.push_str(f.trim_end());
+                header.push_str(eol);
+            }
+            header.push_str(eol);
+            let text = format!("{header}{body}");
+            let bytes = text.as_bytes();
+            let mut points: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+            points.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut last = 0;
+            for p in points {
+                chunks.push(&bytes[last..p]);
+                last = p;
+            }
+            chunks.push(&bytes[last..]);
+            prop_assert_eq!(ends_at(&chunks), Some(header.len()));
+        }
     }
 }

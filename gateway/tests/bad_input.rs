@@ -111,6 +111,55 @@ fn slow_header_clients_are_cut_off() {
 }
 
 #[test]
+fn blank_lines_do_not_dodge_the_header_deadline() {
+    // Parsers skip blank lines before a request line, so a client can send them forever; they
+    // count as header bytes, under the header deadline, CRLF or bare LF alike.
+    let (gw, _u, _d, host) = gateway(&["--header-timeout-seconds", "1"]);
+    for blank in ["\r\n", "\n"] {
+        let mut s = TcpStream::connect(gw.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let start = Instant::now();
+        let mut cut = false;
+        while start.elapsed() < Duration::from_secs(4) {
+            if s.write_all(blank.as_bytes()).is_err() {
+                cut = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !cut {
+            let mut buf = [0u8; 256];
+            let n = s.read(&mut buf).unwrap_or(0);
+            assert!(
+                n == 0 || !String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+                "{blank:?}: a blank-line client was kept"
+            );
+        }
+        assert!(
+            cut || start.elapsed() < Duration::from_secs(5),
+            "{blank:?}: the connection outlived the header deadline"
+        );
+        let mut probe = [0u8; 16];
+        let closed = matches!(s.read(&mut probe), Ok(0) | Err(_));
+        assert!(
+            closed,
+            "{blank:?}: the connection is still open after the deadline"
+        );
+    }
+    // A request after a few leading blank lines, sent at once, is served.
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "\r\n\r\nGET / HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}
+
+#[test]
 fn idle_keepalive_connections_are_closed() {
     let (gw, _u, _d, host) = gateway(&["--keepalive-timeout-seconds", "1"]);
     let mut s = TcpStream::connect(gw.addr).unwrap();
