@@ -207,8 +207,11 @@ impl Config {
         Ok((providers, keys))
     }
 
+    /// The dial policy; loopback is in the default only for the file provider.
     pub fn upstream_policy(&self) -> Result<UpstreamPolicy, ConfigError> {
-        UpstreamPolicy::parse(&self.allowed_upstream_cidrs).map_err(ConfigError::UpstreamCidrs)
+        let file = self.providers()?.contains(&Provider::File);
+        UpstreamPolicy::parse(&self.allowed_upstream_cidrs, file)
+            .map_err(ConfigError::UpstreamCidrs)
     }
 
     /// The tracing level for `--log-level`; accepts the reference's spellings in any case.

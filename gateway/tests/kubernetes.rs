@@ -272,6 +272,46 @@ fn bad_endpoints_never_route() {
 }
 
 #[test]
+fn loopback_endpoints_are_refused_by_default() {
+    // Endpoints come from annotations any sandbox owner can write: by default the Kubernetes
+    // providers never dial loopback (nor metadata addresses), and do not even try.
+    let plane = ControlPlane::start();
+    plane.create_namespace("lo");
+    let ip = unique_loopback();
+    let upstream = Upstream::start(ip, 0);
+    let port = upstream.addr.port();
+    let boxes = Objects::new(&plane, "lo", &batch_resource());
+    boxes.create(
+        "local",
+        json!({"sandbox.opensandbox.io/endpoints": format!(r#"["{ip}"]"#)}),
+        ready_status(1),
+    );
+    boxes.create(
+        "azure",
+        json!({"sandbox.opensandbox.io/endpoints": r#"["168.63.129.16"]"#}),
+        ready_status(1),
+    );
+    let provider = vec![
+        "--provider-type".into(),
+        "batchsandbox".into(),
+        "--kubeconfig".into(),
+        plane.kubeconfig.display().to_string(),
+    ];
+    let gw = Gateway::spawn_with(provider, GatewayOptions::default());
+    gw.wait_ready();
+    for name in ["local", "azure"] {
+        let r = request(&gw, &format!("{name}-{port}.gw"));
+        assert_eq!(r.status, 503, "{name}: {}", r.body_text());
+    }
+    assert!(gw.metric("sandbox_gateway_upstream_refused_total") >= 2.0);
+    assert!(
+        !gw.log_text()
+            .contains(&format!("\"upstream\":\"{ip}:{port}\"")),
+        "loopback was dialled"
+    );
+}
+
+#[test]
 fn missing_crd_and_missing_permissions_are_explained() {
     let plane = ControlPlane::start_with_crds(false);
     let gw = gateway(&plane.kubeconfig, GatewayOptions::default());

@@ -146,6 +146,8 @@ pub fn parse_list(list: &str) -> Result<Vec<Cidr>, CidrError> {
 /// The cloud metadata endpoints outside link-local space (Alibaba Cloud's, AWS's IPv6 one).
 const METADATA_V4: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 200);
 const METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+/// Azure's wire server (platform metadata and agent traffic).
+const WIRE_SERVER_V4: Ipv4Addr = Ipv4Addr::new(168, 63, 129, 16);
 
 /// Link-local (169.254.0.0/16, fe80::/10), where most clouds serve instance metadata.
 pub fn is_link_local(ip: IpAddr) -> bool {
@@ -162,6 +164,7 @@ pub fn is_metadata(ip: IpAddr) -> bool {
     is_link_local(ip)
         || ip.is_unspecified()
         || ip == IpAddr::V4(METADATA_V4)
+        || ip == IpAddr::V4(WIRE_SERVER_V4)
         || ip == IpAddr::V6(METADATA_V6)
 }
 

@@ -133,7 +133,7 @@ mod tests {
                     Target::Addresses(ips(&["169.254.169.254", "127.0.0.2"])),
                 ),
             ],
-            &UpstreamPolicy::default(),
+            &UpstreamPolicy::parse("", true).unwrap(),
         )
         .await;
         assert!(

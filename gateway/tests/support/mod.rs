@@ -292,12 +292,24 @@ pub fn single_sandbox(opts: GatewayOptions<'_>) -> (Gateway, upstream::Upstream,
 }
 
 /// The gateway on Kubernetes `providers` (e.g. `batchsandbox,agent-sandbox`), not yet ready.
+/// The tests' upstreams listen on loopback, which the Kubernetes providers refuse by default:
+/// it is allowed here unless `opts` sets `--allowed-upstream-cidrs` itself.
 pub fn kube_gateway(kubeconfig: &Path, providers: &str, opts: GatewayOptions<'_>) -> Gateway {
-    let provider = vec![
+    let mut provider = vec![
         "--provider-type".into(),
         providers.into(),
         "--kubeconfig".into(),
         kubeconfig.display().to_string(),
     ];
+    if !opts
+        .extra
+        .iter()
+        .any(|a| a.starts_with("--allowed-upstream-cidrs"))
+    {
+        provider.extend([
+            "--allowed-upstream-cidrs".into(),
+            "127.0.0.0/8,::1/128".into(),
+        ]);
+    }
     Gateway::spawn_with(provider, opts)
 }
