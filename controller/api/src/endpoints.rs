@@ -90,4 +90,32 @@ mod tests {
         let got = encode(&["127.0.0.3".into(), "127.0.0.4".into()]);
         assert_eq!(got, r#"["127.0.0.3","127.0.0.4"]"#);
     }
+
+    proptest::proptest! {
+        /// What the controller publishes (addresses in index order, `""` for a pod without
+        /// one) is what the gateway reads back: the addresses, in order, blanks skipped.
+        #[test]
+        fn published_addresses_read_back_in_order(
+            slots in proptest::collection::vec(proptest::option::of(proptest::prelude::any::<IpAddr>()), 0..12),
+        ) {
+            let written: Vec<String> = slots
+                .iter()
+                .map(|s| s.map(|ip| ip.to_string()).unwrap_or_default())
+                .collect();
+            let want: Vec<IpAddr> = slots.iter().flatten().copied().collect();
+            let got = parse(Some(&encode(&written)));
+            if want.is_empty() {
+                proptest::prop_assert_eq!(got, Err(EndpointsError::Empty));
+            } else {
+                proptest::prop_assert_eq!(got, Ok(want));
+            }
+        }
+
+        #[test]
+        fn any_annotation_parses_or_is_refused_without_panicking(text in "\\PC{0,120}") {
+            if let Ok(ips) = parse(Some(&text)) {
+                proptest::prop_assert!(!ips.is_empty());
+            }
+        }
+    }
 }
