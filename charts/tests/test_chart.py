@@ -65,6 +65,7 @@ def test_defaults(chart):
     args = pod["containers"][0]["args"]
     assert "--mode=header" in args and "--provider-type=batchsandbox" in args
     assert "--port=28888" in args
+    assert "--max-signed-route-lifetime=604800" in args
     probes = pod["containers"][0]
     assert probes["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert probes["livenessProbe"]["httpGet"]["path"] == "/status.ok"

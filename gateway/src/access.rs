@@ -105,18 +105,21 @@ impl Denied {
             Denied::Signature(SignatureError::UnknownKey) => "unknown_key",
             Denied::Signature(SignatureError::Expired) => "expired",
             Denied::Signature(SignatureError::Mismatch) => "bad_signature",
+            Denied::Signature(SignatureError::TooFarAhead) => "too_far_ahead",
         }
     }
 }
 
 /// Checks a request for a sandbox protected by `token`. A present header decides alone;
-/// without it the route must be validly signed.
+/// without it the route must be validly signed, expiring no more than `max_lifetime` seconds
+/// from `now` when that is set.
 pub fn check(
     token: &str,
     header: Option<&[u8]>,
     route: &Route<'_>,
     keys: &KeyRing,
     now: u64,
+    max_lifetime: Option<u64>,
 ) -> Result<(), Denied> {
     if let Some(given) = header {
         return if bool::from(given.trim_ascii().ct_eq(token.as_bytes())) {
@@ -134,7 +137,14 @@ pub fn check(
         signed.signature,
         now,
     )
-    .map_err(Denied::Signature)
+    .map_err(Denied::Signature)?;
+    // Checked after the signature, so it is a genuine route that lives too long.
+    if let Some(max) = max_lifetime
+        && signing::parse_b36(signed.expires_b36).is_some_and(|e| e > now.saturating_add(max))
+    {
+        return Err(Denied::Signature(SignatureError::TooFarAhead));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -175,28 +185,44 @@ mod tests {
         let plain = parse_label("sec-7777").unwrap();
         let forged = parse_label("sec-7777-x2qxvk-aabbccddk").unwrap();
         assert_eq!(
-            check("annot-token", Some(b"annot-token"), &forged, &keys, 0),
+            check("annot-token", Some(b"annot-token"), &forged, &keys, 0, None),
             Ok(())
         );
         assert_eq!(
-            check("annot-token", Some(b""), &plain, &keys, 0),
+            check("annot-token", Some(b""), &plain, &keys, 0, None),
             Err(Denied::BadToken)
         );
         assert_eq!(
-            check("annot-token", Some(b"bad-token"), &plain, &keys, 0),
+            check("annot-token", Some(b"bad-token"), &plain, &keys, 0, None),
             Err(Denied::BadToken)
         );
         assert_eq!(
-            check("annot-token", None, &plain, &keys, 0),
+            check("annot-token", None, &plain, &keys, 0, None),
             Err(Denied::Missing)
         );
         assert_eq!(
-            check("annot-token", None, &forged, &keys, 0),
+            check("annot-token", None, &forged, &keys, 0, None),
             Err(Denied::Signature(SignatureError::Mismatch))
         );
         assert_eq!(
-            check("t", None, &forged, &KeyRing::default(), 0),
+            check("t", None, &forged, &KeyRing::default(), 0, None),
             Err(Denied::Signature(SignatureError::NoKeys))
+        );
+        // A genuine route (the reference's vector) that expires too far ahead: refused only
+        // when a lifetime bound is set, and only past it.
+        let genuine = parse_label("sec-7777-x2qxvk-65ad791ek").unwrap();
+        let expires = signing::parse_b36("x2qxvk").unwrap();
+        let now = expires - 3600;
+        assert_eq!(check("t", None, &genuine, &keys, now, None), Ok(()));
+        assert_eq!(check("t", None, &genuine, &keys, now, Some(3600)), Ok(()));
+        assert_eq!(
+            check("t", None, &genuine, &keys, now, Some(3599)),
+            Err(Denied::Signature(SignatureError::TooFarAhead))
+        );
+        // A forged one is a mismatch whatever its lifetime.
+        assert_eq!(
+            check("t", None, &forged, &keys, 0, Some(1)),
+            Err(Denied::Signature(SignatureError::Mismatch))
         );
     }
 

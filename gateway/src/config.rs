@@ -109,6 +109,12 @@ pub struct Config {
     #[arg(long, default_value_t = 60)]
     pub auth_failures_per_minute: u32,
 
+    /// A signed route whose expiry lies more than this many seconds ahead is refused with 401,
+    /// so a leaked or forged-by-insider link cannot live for years (0: unlimited, as the
+    /// reference).
+    #[arg(long, default_value_t = 0)]
+    pub max_signed_route_lifetime: u64,
+
     /// Idle keep-alive connections from clients are closed after this many seconds.
     #[arg(long, default_value_t = 75)]
     pub keepalive_timeout_seconds: u64,

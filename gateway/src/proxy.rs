@@ -50,6 +50,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Failed credential checks allowed per client per minute (0: unlimited).
     pub auth_failures_per_minute: u32,
+    /// Longest lifetime of a signed route, in seconds (`None`: unlimited).
+    pub max_signed_route_lifetime: Option<u64>,
 }
 
 pub struct Gateway {
@@ -135,18 +137,24 @@ impl Gateway {
                 .headers
                 .get(names::HEADER_SECURE_ACCESS)
                 .map(|v| v.as_bytes());
-            access::check(token, header, &route, &self.keys.load(), unix_now()).map_err(
-                |denied| {
-                    if let Some(ip) = client {
-                        self.failures.failed(ip, route.id);
-                    }
-                    metrics()
-                        .auth_failures
-                        .with_label_values(&[denied.reason()])
-                        .inc();
-                    GatewayError::Denied(denied)
-                },
-            )?;
+            access::check(
+                token,
+                header,
+                &route,
+                &self.keys.load(),
+                unix_now(),
+                self.limits.max_signed_route_lifetime,
+            )
+            .map_err(|denied| {
+                if let Some(ip) = client {
+                    self.failures.failed(ip, route.id);
+                }
+                metrics()
+                    .auth_failures
+                    .with_label_values(&[denied.reason()])
+                    .inc();
+                GatewayError::Denied(denied)
+            })?;
         }
         if self.mode == Mode::Uri {
             // Signed segments are the gateway's own only for secure sandboxes; otherwise they are

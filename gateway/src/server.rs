@@ -43,6 +43,7 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
         connect_timeout: Duration::from_millis(config.upstream_connect_timeout_ms),
         idle_timeout: Duration::from_secs(config.upstream_idle_timeout_seconds),
         auth_failures_per_minute: config.auth_failures_per_minute,
+        max_signed_route_lifetime: Some(config.max_signed_route_lifetime).filter(|&s| s > 0),
     };
 
     let gateway = Gateway::new(

@@ -169,6 +169,47 @@ fn key_file_is_reloaded() {
 }
 
 #[test]
+fn signed_routes_living_too_long_are_refused() {
+    let ip = unique_loopback();
+    let _upstream = Upstream::start(ip, 7777);
+    let dir = TempDir::new();
+    let file = dir.write(
+        "s.yaml",
+        &batch_sandbox(
+            "sec",
+            "a",
+            1,
+            Some(&format!(r#"["{ip}"]"#)),
+            Some("annot-token"),
+        ),
+    );
+    // The route expires in 2033: years beyond a one-day bound.
+    let opts = GatewayOptions {
+        keys: Some("k=cHFycw=="),
+        extra: vec!["--max-signed-route-lifetime".into(), "86400".into()],
+        ..Default::default()
+    };
+    let gw = Gateway::start(&file, opts);
+    let signed = get(gw.addr, "/", &[("Host", "sec-7777-x2qxvk-65ad791ek.gw")]);
+    assert_eq!(signed.status, 401, "{}", signed.body_text());
+    assert!(signed.body_text().contains("expiry too far ahead"));
+    assert_eq!(
+        gw.metric("sandbox_gateway_auth_failures_total{reason=\"too_far_ahead\"}"),
+        1.0
+    );
+    // The secure-access header is not a signed route: it still opens the sandbox.
+    let with_token = get(
+        gw.addr,
+        "/",
+        &[
+            ("Host", "sec-7777.gw"),
+            ("OpenSandbox-Secure-Access", "annot-token"),
+        ],
+    );
+    assert_eq!(with_token.status, 200);
+}
+
+#[test]
 fn a_private_key_file_gets_no_warning() {
     use std::os::unix::fs::PermissionsExt;
     let dir = TempDir::new();

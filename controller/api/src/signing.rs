@@ -102,6 +102,10 @@ pub enum SignatureError {
     Expired,
     #[error("unauthorized: signature mismatch")]
     Mismatch,
+    /// Valid, but expiring further ahead than the verifier accepts (a gateway setting; the
+    /// reference has no bound).
+    #[error("unauthorized: expiry too far ahead")]
+    TooFarAhead,
 }
 
 /// A set of signing keys, each named by one character.
