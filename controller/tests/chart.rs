@@ -103,6 +103,21 @@ fn refused<T>(result: Result<T, kube::Error>) -> u16 {
     }
 }
 
+/// PrometheusRules in the release namespace.
+fn prometheus_rules(client: &Client) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        client.clone(),
+        NS,
+        &kube::api::ApiResource {
+            group: "monitoring.coreos.com".into(),
+            version: "v1".into(),
+            api_version: "monitoring.coreos.com/v1".into(),
+            kind: "PrometheusRule".into(),
+            plural: "prometheusrules".into(),
+        },
+    )
+}
+
 /// The minimal CRDs of the Prometheus Operator's kinds the chart makes.
 fn monitoring_crds(plane: &ControlPlane) {
     let crds: Api<CustomResourceDefinition> = Api::all(plane.client.clone());
@@ -128,17 +143,7 @@ fn monitoring_crds(plane: &ControlPlane) {
     }
     // Served once discovery shows the group.
     eventually("monitoring CRDs served", Duration::from_secs(20), || {
-        let rules: Api<DynamicObject> = Api::namespaced_with(
-            plane.client.clone(),
-            NS,
-            &kube::api::ApiResource {
-                group: "monitoring.coreos.com".into(),
-                version: "v1".into(),
-                api_version: "monitoring.coreos.com/v1".into(),
-                kind: "PrometheusRule".into(),
-                plural: "prometheusrules".into(),
-            },
-        );
+        let rules = prometheus_rules(&plane.client);
         plane
             .runtime
             .block_on(rules.list(&ListParams::default()))
@@ -335,17 +340,7 @@ fn chart_installs_with_least_privilege_and_runs_end_to_end() {
     assert!(refusal.contains("monitoring.coreos.com/v1"), "{refusal}");
     monitoring_crds(&plane);
     helm(&plane, "upgrade", monitoring).unwrap_or_else(|e| panic!("upgrade: {e}"));
-    let rules: Api<DynamicObject> = Api::namespaced_with(
-        admin.clone(),
-        NS,
-        &kube::api::ApiResource {
-            group: "monitoring.coreos.com".into(),
-            version: "v1".into(),
-            api_version: "monitoring.coreos.com/v1".into(),
-            kind: "PrometheusRule".into(),
-            plural: "prometheusrules".into(),
-        },
-    );
+    let rules = prometheus_rules(&admin);
     let rule = rt.block_on(rules.get("os-opensandbox")).unwrap();
     assert!(
         rule.data["spec"]["groups"].as_array().unwrap().len() >= 3,

@@ -18,6 +18,15 @@ fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) -> Dur
     start.elapsed()
 }
 
+/// A sandbox file with one secure sandbox `sec` (token `annot-token`) on `ip`.
+fn secure_sandbox(dir: &TempDir, ip: std::net::IpAddr) -> std::path::PathBuf {
+    let endpoints = format!(r#"["{ip}"]"#);
+    dir.write(
+        "s.yaml",
+        &batch_sandbox("sec", "a", 1, Some(&endpoints), Some("annot-token")),
+    )
+}
+
 #[test]
 fn sandbox_file_changes_apply_within_a_second() {
     let ip = unique_loopback();
@@ -120,16 +129,7 @@ fn key_file_is_reloaded() {
     let ip = unique_loopback();
     let _upstream = Upstream::start(ip, 7777);
     let dir = TempDir::new();
-    let file = dir.write(
-        "s.yaml",
-        &batch_sandbox(
-            "sec",
-            "a",
-            1,
-            Some(&format!(r#"["{ip}"]"#)),
-            Some("annot-token"),
-        ),
-    );
+    let file = secure_sandbox(&dir, ip);
     let keys = dir.write("keys", "z=cXVpdGUtb3RoZXI=\n");
     let opts = GatewayOptions {
         extra: vec![
@@ -173,16 +173,7 @@ fn signed_routes_living_too_long_are_refused() {
     let ip = unique_loopback();
     let _upstream = Upstream::start(ip, 7777);
     let dir = TempDir::new();
-    let file = dir.write(
-        "s.yaml",
-        &batch_sandbox(
-            "sec",
-            "a",
-            1,
-            Some(&format!(r#"["{ip}"]"#)),
-            Some("annot-token"),
-        ),
-    );
+    let file = secure_sandbox(&dir, ip);
     // The route expires in 2033: years beyond a one-day bound.
     let opts = GatewayOptions {
         keys: Some("k=cHFycw=="),
@@ -237,16 +228,7 @@ fn keys_from_the_environment() {
     let ip = unique_loopback();
     let _upstream = Upstream::start(ip, 7777);
     let dir = TempDir::new();
-    let file = dir.write(
-        "s.yaml",
-        &batch_sandbox(
-            "sec",
-            "a",
-            1,
-            Some(&format!(r#"["{ip}"]"#)),
-            Some("annot-token"),
-        ),
-    );
+    let file = secure_sandbox(&dir, ip);
     let opts = GatewayOptions {
         env: vec![("OPENSANDBOX_SECURE_ACCESS_KEYS".into(), "k=cHFycw==".into())],
         ..Default::default()
