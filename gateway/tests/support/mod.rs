@@ -200,10 +200,12 @@ impl Gateway {
     pub fn spawn_with(provider: Vec<String>, opts: GatewayOptions<'_>) -> Self {
         let dir = TempDir::new();
         let log = dir.path().join("gateway.log");
-        let port = free_port();
-        let metrics_port = free_port();
+        // A loopback address of its own with fixed ports: nothing else binds there, so the
+        // ports cannot be taken between choosing and binding them (a port 0 probe could).
+        let ip = unique_loopback();
+        let (port, metrics_port) = (28888, 28889);
         let mut cmd = Command::new(gateway_binary());
-        cmd.args(["--bind", "127.0.0.1", "--threads", "1"])
+        cmd.args(["--bind", &ip.to_string(), "--threads", "1"])
             .args(&provider)
             .args([
                 "--port",
@@ -228,8 +230,8 @@ impl Gateway {
         let child = cmd.spawn().expect("start sandbox-gateway");
         Self {
             child,
-            addr: SocketAddr::new([127, 0, 0, 1].into(), port),
-            metrics: SocketAddr::new([127, 0, 0, 1].into(), metrics_port),
+            addr: SocketAddr::new(ip, port),
+            metrics: SocketAddr::new(ip, metrics_port),
             log,
             _dir: dir,
         }

@@ -17,11 +17,20 @@ const UDP_INFLIGHT: usize = 1024;
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
 /// Binds UDP and TCP on `addr` (the TCP listener on the UDP socket's port when `addr` asks for
-/// port 0).
+/// port 0; the kernel picks UDP and TCP ports separately, so a port free for UDP may be taken
+/// for TCP: then another UDP port is tried).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
-    let udp = UdpSocket::bind(addr).await?;
-    let tcp = TcpListener::bind(udp.local_addr()?).await?;
-    Ok((udp, tcp))
+    let attempts = if addr.port() == 0 { 32 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let udp = UdpSocket::bind(addr).await?;
+        match TcpListener::bind(udp.local_addr()?).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no port free for both UDP and TCP")))
 }
 
 /// Serves DNS on `udp` and `tcp` until `cancel` fires.
