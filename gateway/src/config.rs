@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use clap::{Parser, ValueEnum};
 
 use crate::access::{KeyError, KeyRing};
+use crate::ports::{PortSet, PortsError};
 use crate::upstream::UpstreamPolicy;
+use sandbox_api::net::{self, Cidr};
 
 /// Environment variable read when `--secure-access-keys` is not given, so keys stay off argv.
 pub const ENV_SECURE_ACCESS_KEYS: &str = "OPENSANDBOX_SECURE_ACCESS_KEYS";
@@ -109,6 +111,30 @@ pub struct Config {
     #[arg(long, default_value_t = 60)]
     pub auth_failures_per_minute: u32,
 
+    /// Failed signed-route checks allowed per sandbox per minute across all clients; past it the
+    /// sandbox's signed routes get 429 while the secure-access header keeps working (0: unlimited).
+    #[arg(long, default_value_t = 600)]
+    pub signature_failures_per_sandbox_per_minute: u32,
+
+    /// Most clients the failed-credential limiter remembers; past it expired entries are dropped,
+    /// then others evicted (counted in `sandbox_gateway_auth_limiter_evictions_total`).
+    #[arg(long, default_value_t = 100_000)]
+    pub auth_limiter_max_clients: usize,
+
+    /// Ports never forwarded to any sandbox (e.g. `18080,9000-9100`); requests for them get 403.
+    #[arg(long, default_value = "")]
+    pub denied_ports: String,
+
+    /// Expect a PROXY protocol (v1 or v2) header on every connection, as load balancers such as
+    /// AWS NLB send it, and take the client address from it; connections without one are closed.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub proxy_protocol: bool,
+
+    /// Peers whose `X-Forwarded-For` is believed (comma-separated CIDRs; default: none). The
+    /// client is the last address in the chain that is not in these ranges.
+    #[arg(long, default_value = "")]
+    pub trusted_proxy_cidrs: String,
+
     /// A signed route whose expiry lies more than this many seconds ahead is refused with 401,
     /// so a leaked or forged-by-insider link cannot live for years (0: unlimited, as the
     /// reference).
@@ -191,6 +217,12 @@ pub enum ConfigError {
     SamePorts,
     #[error("--max-header-bytes must be between 1024 and 1048575")]
     HeaderLimit,
+    #[error("--denied-ports: {0}")]
+    DeniedPorts(#[from] PortsError),
+    #[error("--trusted-proxy-cidrs: {0}")]
+    TrustedProxies(String),
+    #[error("--auth-limiter-max-clients must be at least 1")]
+    LimiterCapacity,
 }
 
 impl Config {
@@ -205,6 +237,11 @@ impl Config {
         if !(1024..=1_048_575).contains(&self.max_header_bytes) {
             return Err(ConfigError::HeaderLimit);
         }
+        self.denied_ports()?;
+        self.trusted_proxies()?;
+        if self.auth_limiter_max_clients == 0 {
+            return Err(ConfigError::LimiterCapacity);
+        }
         let keys = match (&self.secure_access_keys, &self.secure_access_keys_file) {
             (Some(text), _) => KeyRing::parse(text)?,
             (None, Some(path)) => read_keys_file(path)?,
@@ -218,6 +255,15 @@ impl Config {
         let file = self.providers()?.contains(&Provider::File);
         UpstreamPolicy::parse(&self.allowed_upstream_cidrs, file)
             .map_err(ConfigError::UpstreamCidrs)
+    }
+
+    pub fn denied_ports(&self) -> Result<PortSet, ConfigError> {
+        Ok(PortSet::parse(&self.denied_ports)?)
+    }
+
+    pub fn trusted_proxies(&self) -> Result<Vec<Cidr>, ConfigError> {
+        net::parse_list(&self.trusted_proxy_cidrs)
+            .map_err(|e| ConfigError::TrustedProxies(e.to_string()))
     }
 
     /// The tracing level for `--log-level`; accepts the reference's spellings in any case.

@@ -13,6 +13,7 @@ pub mod keys;
 pub mod limit;
 pub mod metrics;
 pub mod objects;
+pub mod ports;
 pub mod provider;
 pub mod proxy;
 pub mod route;

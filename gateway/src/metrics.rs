@@ -34,6 +34,14 @@ pub struct Metrics {
     pub key_reload_errors: IntCounter,
     /// Endpoints dropped because `--allowed-upstream-cidrs` does not permit them.
     pub upstream_refused: IntCounter,
+    /// Requests refused before any dial by the gateway's policy, by reason.
+    pub refused: IntCounterVec,
+    /// Failed-credential limiter entries evicted to stay within its capacity.
+    pub auth_limiter_evictions: IntCounter,
+    /// Clients the failed-credential limiter holds.
+    pub auth_limiter_clients: IntGauge,
+    /// Connections closed for a missing or malformed PROXY protocol header, by reason.
+    pub proxy_protocol_errors: IntCounterVec,
     /// Watch events by kind and type.
     pub watch_events: IntCounterVec,
     /// 1 while a provider's watch is connected, by provider.
@@ -114,6 +122,28 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "sandbox_gateway_upstream_refused_total",
             "Endpoints never dialled because --allowed-upstream-cidrs does not permit them."
         ))?,
+        refused: register_int_counter_vec!(
+            opts!(
+                "sandbox_gateway_requests_refused_total",
+                "Requests refused before any dial, by reason (port_denied, port_not_exposed, framing)."
+            ),
+            &["reason"]
+        )?,
+        auth_limiter_evictions: register_int_counter!(opts!(
+            "sandbox_gateway_auth_limiter_evictions_total",
+            "Failed-credential limiter entries evicted to stay within --auth-limiter-max-clients."
+        ))?,
+        auth_limiter_clients: register_int_gauge!(opts!(
+            "sandbox_gateway_auth_limiter_clients",
+            "Clients the failed-credential limiter holds."
+        ))?,
+        proxy_protocol_errors: register_int_counter_vec!(
+            opts!(
+                "sandbox_gateway_proxy_protocol_errors_total",
+                "Connections closed for a missing or malformed PROXY protocol header, by reason."
+            ),
+            &["reason"]
+        )?,
         watch_events: register_int_counter_vec!(
             opts!(
                 "sandbox_gateway_watch_events_total",

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use crate::ports::PortSet;
 use sandbox_api::{endpoints, names};
 use serde::Deserialize;
 
@@ -66,6 +67,8 @@ pub struct Sandbox {
     pub name: String,
     pub token: Option<String>,
     pub target: Target,
+    /// Ports requests may reach (`opensandbox.io/exposed-ports`); `None`: every port.
+    pub ports: Option<PortSet>,
 }
 
 const DEFAULT_NAMESPACE: &str = "default";
@@ -88,6 +91,21 @@ impl Object {
             return None;
         };
         let annotations = &self.metadata.annotations;
+        // A malformed list opens no door at all, never every door.
+        let (ports, target) = match annotations.get(names::ANNOTATION_EXPOSED_PORTS) {
+            None => (None, target),
+            Some(text) => match PortSet::parse(text) {
+                Ok(set) => (Some(set), target),
+                Err(e) => (
+                    None,
+                    Target::Unavailable(format!(
+                        "sandbox {}: malformed {} annotation: {e}; no port is open",
+                        self.qualified_name(),
+                        names::ANNOTATION_EXPOSED_PORTS
+                    )),
+                ),
+            },
+        };
         Some(Sandbox {
             namespace: self
                 .metadata
@@ -100,6 +118,7 @@ impl Object {
                 .filter(|t| !t.is_empty())
                 .cloned(),
             target,
+            ports,
         })
     }
 

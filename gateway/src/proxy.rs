@@ -3,19 +3,24 @@
 //! sandbox sees (`upstream_request_filter`), mark the response (`response_filter`), turn
 //! failures into responses (`fail_to_proxy`), count and log (`logging`).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue};
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue, PROXY_AUTHORIZATION,
+    RETRY_AFTER, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+use pingora::ErrorType;
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
-use pingora::{ErrorSource, ErrorType};
 use prometheus::{Histogram, IntCounter};
 use sandbox_api::names;
+use sandbox_api::net::{self, Cidr};
+use sandbox_api::signing::SignatureError;
 
 use crate::access::{self, KeyRing};
 use crate::admin::readiness;
@@ -23,8 +28,9 @@ use crate::config::Mode;
 use crate::conn;
 use crate::drain::{Drain, InFlight};
 use crate::error::GatewayError;
-use crate::limit::FailureLimit;
+use crate::limit::{Blocked, Budgets, FailureLimit};
 use crate::metrics::{self, metrics};
+use crate::ports::PortSet;
 use crate::route::{self, Route, RouteError};
 use crate::table::{Entry, RouteTable};
 
@@ -33,6 +39,9 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_CONTENT_TYPE_OPTIONS: HeaderName = HeaderName::from_static("x-content-type-options");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const CONNECTION_UPGRADE: HeaderValue = HeaderValue::from_static("upgrade");
 const INGRESS_TO: HeaderName = HeaderName::from_static(names::HEADER_INGRESS_TO);
 const INGRESS_LEGACY: HeaderName = HeaderName::from_static(names::HEADER_INGRESS_LEGACY);
 const SECURE_ACCESS: HeaderName = HeaderName::from_static(names::HEADER_SECURE_ACCESS);
@@ -42,16 +51,20 @@ const PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 const PATH_LIVENESS: &str = "/status.ok";
 const PATH_READINESS: &str = "/readyz";
 
-/// Per-connection limits and upstream timeouts.
-#[derive(Debug, Clone, Copy)]
+/// Per-connection limits, upstream timeouts and the gateway's request policy.
+#[derive(Debug, Clone)]
 pub struct Limits {
     pub max_header_bytes: usize,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
-    /// Failed credential checks allowed per client per minute (0: unlimited).
-    pub auth_failures_per_minute: u32,
+    /// Failed-credential budgets (see `limit.rs`).
+    pub budgets: Budgets,
     /// Longest lifetime of a signed route, in seconds (`None`: unlimited).
     pub max_signed_route_lifetime: Option<u64>,
+    /// Ports never forwarded (`--denied-ports`).
+    pub denied_ports: PortSet,
+    /// Peers whose `X-Forwarded-For` is believed (`--trusted-proxy-cidrs`).
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 pub struct Gateway {
@@ -64,6 +77,12 @@ pub struct Gateway {
     /// Request counters by status class, resolved once so the hot path does no label lookup.
     by_class: [IntCounter; 6],
     duration: Histogram,
+}
+
+/// A request the gateway answers itself without a route.
+enum Local {
+    Liveness,
+    Readiness,
 }
 
 impl Gateway {
@@ -81,8 +100,8 @@ impl Gateway {
             table,
             keys,
             drain,
+            failures: FailureLimit::new(limits.budgets),
             limits,
-            failures: FailureLimit::new(limits.auth_failures_per_minute, Duration::from_secs(60)),
             by_class: metrics::CLASSES.map(class),
             duration: metrics::duration_for(mode.label()),
         }
@@ -98,17 +117,35 @@ impl Gateway {
         }
     }
 
-    /// Resolves the request to a sandbox and checks its credentials.
-    fn admit(&self, session: &Session, ctx: &mut Ctx) -> Result<(), GatewayError> {
+    /// Decides what to do with a request: answer it locally, refuse it, or (Ok(None)) proxy it
+    /// with the route, client and credentials settled in `ctx`. The route is parsed here once.
+    fn admit(&self, session: &Session, ctx: &mut Ctx) -> Result<Option<Local>, GatewayError> {
         let req = session.req_header();
+        let path = req.uri.path();
+        if path == PATH_LIVENESS {
+            return Ok(Some(Local::Liveness));
+        }
+        let route = self.route(req);
+        if path == PATH_READINESS && route.is_err() {
+            return Ok(Some(Local::Readiness));
+        }
+        self.settle_client(session, ctx);
+        ctx.log.path_from = (self.mode == Mode::Header).then_some(0);
         if header_size(req) > self.limits.max_header_bytes {
             return Err(GatewayError::HeaderTooLarge(self.limits.max_header_bytes));
         }
-        let route = self.route(req)?;
-        let entry = self
-            .table
-            .get(route.id)
-            .ok_or_else(|| GatewayError::NotFound(route.id.into()))?;
+        framing(req).inspect_err(|_| refused("framing"))?;
+        let route = route?;
+        ctx.log = LogRoute::of(&route, self.mode, path);
+        if self.limits.denied_ports.contains(route.port) {
+            refused("port_denied");
+            return Err(GatewayError::PortDenied(route.port));
+        }
+        let Some((id, entry)) = self.table.get_with_id(route.id) else {
+            ctx.log.sandbox = Some(route.id.into());
+            return Err(GatewayError::NotFound(route.id.into()));
+        };
+        ctx.log.sandbox = Some(id);
         let routable = match entry.as_ref() {
             Entry::Routable(r) => r,
             Entry::Unavailable(reason) => {
@@ -122,39 +159,14 @@ impl Gateway {
             }
         };
         if let Some(token) = routable.token.as_deref() {
-            let client = session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip());
-            if client.is_some_and(|ip| self.failures.blocked(ip, route.id)) {
-                metrics()
-                    .auth_failures
-                    .with_label_values(&["rate_limited"])
-                    .inc();
-                return Err(GatewayError::TooManyFailures);
-            }
-            let header = req
-                .headers
-                .get(names::HEADER_SECURE_ACCESS)
-                .map(|v| v.as_bytes());
-            access::check(
-                token,
-                header,
-                &route,
-                &self.keys.load(),
-                unix_now(),
-                self.limits.max_signed_route_lifetime,
-            )
-            .map_err(|denied| {
-                if let Some(ip) = client {
-                    self.failures.failed(ip, route.id);
-                }
-                metrics()
-                    .auth_failures
-                    .with_label_values(&[denied.reason()])
-                    .inc();
-                GatewayError::Denied(denied)
-            })?;
+            self.check_credentials(req, token, &route, ctx.client)?;
+        }
+        // After the credentials, so an unauthenticated client learns nothing of the doors.
+        if let Some(ports) = &routable.ports
+            && !ports.contains(route.port)
+        {
+            refused("port_not_exposed");
+            return Err(GatewayError::PortNotExposed(route.port));
         }
         if self.mode == Mode::Uri {
             // Signed segments are the gateway's own only for secure sandboxes; otherwise they are
@@ -167,16 +179,100 @@ impl Gateway {
             ctx.rewrite = Some(rewrite_path(rest, req.uri.query())?);
         }
         ctx.port = route.port;
-        ctx.entry = Some(entry.clone());
-        Ok(())
+        ctx.entry = Some(entry);
+        Ok(None)
     }
 
-    async fn respond(&self, session: &mut Session, status: u16, body: String, keepalive: bool) {
+    /// The secure-access header or a signed route, under the failed-credential limiter.
+    fn check_credentials(
+        &self,
+        req: &RequestHeader,
+        token: &str,
+        route: &Route<'_>,
+        client: Option<IpAddr>,
+    ) -> Result<(), GatewayError> {
+        let header = req.headers.get(&SECURE_ACCESS).map(HeaderValue::as_bytes);
+        // Only a signature can be guessed; the 192-bit header token cannot.
+        let signature = header.is_none() && route.signed.is_some();
+        if let Some(blocked) = self.failures.blocked(client, route.id, signature) {
+            metrics()
+                .auth_failures
+                .with_label_values(&[blocked.reason()])
+                .inc();
+            return Err(match blocked {
+                Blocked::Client { .. } => GatewayError::TooManyFailures(blocked),
+                Blocked::Sandbox { .. } => GatewayError::TooManySignatureFailures(blocked),
+            });
+        }
+        access::check(
+            token,
+            header,
+            route,
+            &self.keys.load(),
+            unix_now(),
+            self.limits.max_signed_route_lifetime,
+        )
+        .map_err(|denied| {
+            let m = metrics();
+            // Without keys nothing was guessed: the gateway is at fault, not the client.
+            if !matches!(denied, access::Denied::Signature(SignatureError::NoKeys)) {
+                let evicted = self.failures.failed(client, route.id, signature);
+                if evicted > 0 {
+                    m.auth_limiter_evictions.inc_by(evicted);
+                }
+                m.auth_limiter_clients
+                    .set(i64::try_from(self.failures.clients()).unwrap_or(i64::MAX));
+            }
+            m.auth_failures.with_label_values(&[denied.reason()]).inc();
+            GatewayError::Denied(denied)
+        })
+    }
+
+    /// The client's address: the connection's peer (the PROXY protocol's source when that is
+    /// on), or, when the peer is a trusted proxy, the last untrusted address it forwarded.
+    fn settle_client(&self, session: &Session, ctx: &mut Ctx) {
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| net::canonical(a.ip()));
+        ctx.client = peer;
+        if let Some(peer) = peer
+            && !self.limits.trusted_proxies.is_empty()
+        {
+            let prior = session
+                .req_header()
+                .headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok());
+            let (client, forwarded) = trusted_chain(prior, peer, &self.limits.trusted_proxies);
+            ctx.client = Some(client);
+            ctx.forwarded = Some(forwarded);
+        }
+    }
+
+    /// Writes a refusal; the connection is closed after it.
+    async fn refuse(&self, session: &mut Session, e: &GatewayError) {
+        self.respond(session, e.status(), e.body(), false, e.retry_after())
+            .await;
+    }
+
+    async fn respond(
+        &self,
+        session: &mut Session,
+        status: u16,
+        body: String,
+        keepalive: bool,
+        retry_after: Option<u64>,
+    ) {
         let result = async {
-            let mut resp = ResponseHeader::build(status, Some(3))?;
+            let mut resp = ResponseHeader::build(status, Some(4))?;
             resp.insert_header(CONTENT_TYPE, "text/plain; charset=utf-8")?;
             resp.insert_header(X_CONTENT_TYPE_OPTIONS, "nosniff")?;
             resp.insert_header(CONTENT_LENGTH, body.len())?;
+            if let Some(secs) = retry_after {
+                resp.insert_header(RETRY_AFTER, secs)?;
+            }
             if keepalive {
                 session.write_response_header(Box::new(resp), false).await?;
                 session
@@ -251,20 +347,151 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// `X-Forwarded-For` with the client appended to what earlier proxies recorded.
-fn forwarded_for(prior: Option<&HeaderValue>, client: std::net::IpAddr) -> String {
+/// `X-Forwarded-For` with the client appended to what earlier proxies recorded (every prior
+/// field, in order), as the reference does.
+fn forwarded_for<'a>(prior: impl Iterator<Item = &'a HeaderValue>, client: IpAddr) -> String {
     use std::fmt::Write;
-    let prior = prior
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .unwrap_or("");
-    let mut out = String::with_capacity(prior.len() + 48);
-    if !prior.is_empty() {
-        out.push_str(prior);
-        out.push_str(", ");
+    let mut out = String::with_capacity(48);
+    for value in prior.filter_map(|v| v.to_str().ok()).map(str::trim) {
+        if !value.is_empty() {
+            out.push_str(value);
+            out.push_str(", ");
+        }
     }
     let _ = write!(out, "{client}");
     out
+}
+
+/// Most `X-Forwarded-For` entries walked: a chain longer than any real proxy path is a client's.
+const MAX_FORWARDED_HOPS: usize = 32;
+
+/// With a trusted `peer`: walks the forwarded chain from the right past trusted proxies; the first
+/// untrusted address is the client (the leftmost when all are trusted; the last good one when an
+/// entry does not parse). Returns the client and the chain to forward: from the client on, then
+/// the peer, so the sandbox never sees addresses nobody vouched for. An untrusted peer is the
+/// client and its own claims are dropped.
+fn trusted_chain<'a>(
+    prior: impl Iterator<Item = &'a str>,
+    peer: IpAddr,
+    trusted: &[Cidr],
+) -> (IpAddr, String) {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    if !is_trusted(peer) {
+        return (peer, peer.to_string());
+    }
+    let entries: Vec<&str> = prior
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .collect();
+    let mut chain = vec![peer];
+    for entry in entries.iter().rev().take(MAX_FORWARDED_HOPS) {
+        let Some(ip) = forwarded_ip(entry) else {
+            break;
+        };
+        chain.push(ip);
+        if !is_trusted(ip) {
+            break;
+        }
+    }
+    let client = chain.last().copied().unwrap_or(peer);
+    let forwarded = chain
+        .iter()
+        .rev()
+        .map(IpAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    (client, forwarded)
+}
+
+/// One `X-Forwarded-For` entry: an address, optionally bracketed (IPv6) or with a port.
+fn forwarded_ip(entry: &str) -> Option<IpAddr> {
+    let ip = entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| entry.strip_prefix('[')?.strip_suffix(']')?.parse().ok())?;
+    Some(net::canonical(ip))
+}
+
+/// Refuses framing two parsers could read differently (request smuggling): Content-Length with
+/// Transfer-Encoding, a Transfer-Encoding other than one `chunked`, Content-Lengths that differ
+/// or are not plain digits.
+fn framing(req: &RequestHeader) -> Result<(), GatewayError> {
+    let te = req.headers.get_all(TRANSFER_ENCODING);
+    let mut lengths = req.headers.get_all(CONTENT_LENGTH).iter();
+    let first_length = lengths.next();
+    if te.iter().next().is_some() {
+        if first_length.is_some() {
+            return Err(GatewayError::Framing(
+                "Content-Length together with Transfer-Encoding",
+            ));
+        }
+        let codings: Vec<&[u8]> = te
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .collect();
+        if !matches!(codings.as_slice(), [only] if only.eq_ignore_ascii_case(b"chunked")) {
+            return Err(GatewayError::Framing(
+                "Transfer-Encoding other than a single chunked",
+            ));
+        }
+    }
+    if let Some(first) = first_length {
+        let expected = first
+            .as_bytes()
+            .split(|&b| b == b',')
+            .next()
+            .map(<[u8]>::trim_ascii);
+        let all_same = std::iter::once(first)
+            .chain(lengths)
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .all(|l| Some(l) == expected && !l.is_empty() && l.iter().all(u8::is_ascii_digit));
+        if !all_same {
+            return Err(GatewayError::Framing("conflicting Content-Length"));
+        }
+    }
+    Ok(())
+}
+
+/// Headers that mean something only on one connection are not forwarded: `Connection` and the
+/// headers it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Proxy-Authorization`.
+/// A WebSocket upgrade keeps `Upgrade` with `Connection: upgrade`. Framing headers and `Host`
+/// are never removed on a client's say-so.
+fn strip_hop_by_hop(upstream: &mut RequestHeader) {
+    let mut upgrade = false;
+    let mut named: Vec<HeaderName> = Vec::new();
+    for value in upstream.headers.get_all(CONNECTION) {
+        for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
+            if token.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+            } else if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+                && ![CONTENT_LENGTH, TRANSFER_ENCODING, HOST].contains(&name)
+            {
+                named.push(name);
+            }
+        }
+    }
+    for name in named.iter().chain(&[
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        TE,
+        TRAILER,
+        PROXY_AUTHORIZATION,
+    ]) {
+        upstream.remove_header(name);
+    }
+    if upgrade && upstream.headers.contains_key(UPGRADE) {
+        let _ = upstream.insert_header(CONNECTION, CONNECTION_UPGRADE);
+    } else {
+        upstream.remove_header(&CONNECTION);
+    }
+}
+
+fn refused(reason: &str) {
+    metrics().refused.with_label_values(&[reason]).inc();
 }
 
 /// Formats the `Host` a sandbox sees: its own address and port.
@@ -290,6 +517,40 @@ fn upstream_kind(e: &Error) -> &'static str {
     }
 }
 
+/// What the access log says of the route, settled once in `admit`.
+#[derive(Default)]
+struct LogRoute {
+    sandbox: Option<Arc<str>>,
+    port: u16,
+    signed: bool,
+    /// Where the logged path starts in the request path (URI mode leaves out the route and any
+    /// signature); `None`: no path is logged.
+    path_from: Option<usize>,
+}
+
+impl LogRoute {
+    fn of(route: &Route<'_>, mode: Mode, path: &str) -> Self {
+        let path_from = match mode {
+            Mode::Header => Some(0),
+            // The rest is a suffix of the path.
+            Mode::Uri => {
+                let rest = if route.signed.is_some() {
+                    route.rest_after_signature
+                } else {
+                    route.rest
+                };
+                path.len().checked_sub(rest.len())
+            }
+        };
+        Self {
+            sandbox: None,
+            port: route.port,
+            signed: route.signed.is_some(),
+            path_from,
+        }
+    }
+}
+
 /// Per-request state.
 pub struct Ctx {
     start: Instant,
@@ -299,6 +560,11 @@ pub struct Ctx {
     target: Option<SocketAddr>,
     rewrite: Option<http::Uri>,
     status: u16,
+    /// The client's address (see `settle_client`).
+    client: Option<IpAddr>,
+    /// The `X-Forwarded-For` to send when trusted proxies decided it.
+    forwarded: Option<String>,
+    log: LogRoute,
     _in_flight: InFlight,
 }
 
@@ -315,6 +581,9 @@ impl ProxyHttp for Gateway {
             target: None,
             rewrite: None,
             status: 0,
+            client: None,
+            forwarded: None,
+            log: LogRoute::default(),
             _in_flight: self.drain.enter(),
         }
     }
@@ -322,25 +591,22 @@ impl ProxyHttp for Gateway {
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        match session.req_header().uri.path() {
-            PATH_LIVENESS => {
-                self.respond(session, 200, "OK".into(), true).await;
-                ctx.status = 200;
-                return Ok(true);
-            }
-            PATH_READINESS if self.route(session.req_header()).is_err() => {
-                let (status, body) = readiness(&self.table, &self.drain);
-                self.respond(session, status, body, true).await;
-                ctx.status = status;
-                return Ok(true);
-            }
-            _ => {}
-        }
         match self.admit(session, ctx) {
-            Ok(()) => Ok(false),
+            Ok(None) => Ok(false),
+            Ok(Some(Local::Liveness)) => {
+                self.respond(session, 200, "OK".into(), true, None).await;
+                ctx.status = 200;
+                Ok(true)
+            }
+            Ok(Some(Local::Readiness)) => {
+                let (status, body) = readiness(&self.table, &self.drain);
+                self.respond(session, status, body, true, None).await;
+                ctx.status = status;
+                Ok(true)
+            }
             Err(e) => {
                 ctx.status = e.status();
-                self.respond(session, e.status(), e.body(), false).await;
+                self.refuse(session, &e).await;
                 Ok(true)
             }
         }
@@ -383,6 +649,7 @@ impl ProxyHttp for Gateway {
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        strip_hop_by_hop(upstream);
         for name in [&INGRESS_TO, &INGRESS_LEGACY, &SECURE_ACCESS] {
             upstream.remove_header(name);
         }
@@ -392,8 +659,15 @@ impl ProxyHttp for Gateway {
             upstream.remove_header(&X_FORWARDED_HOST);
         }
         upstream.insert_header(X_FORWARDED_PROTO, PROTO_HTTP)?;
-        if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
-            let forwarded = forwarded_for(upstream.headers.get(&X_FORWARDED_FOR), client.ip());
+        let forwarded = match (&ctx.forwarded, ctx.client) {
+            (Some(chain), _) => Some(chain.clone()),
+            (None, Some(client)) => Some(forwarded_for(
+                upstream.headers.get_all(&X_FORWARDED_FOR).iter(),
+                client,
+            )),
+            (None, None) => None,
+        };
+        if let Some(forwarded) = forwarded {
             upstream.insert_header(X_FORWARDED_FOR, forwarded)?;
         }
         if let Some(target) = ctx.target {
@@ -416,39 +690,28 @@ impl ProxyHttp for Gateway {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
-        let code = match e.etype() {
-            ErrorType::HTTPStatus(code) => *code,
-            _ => match e.esource() {
-                ErrorSource::Upstream => {
-                    let kind = upstream_kind(e);
-                    if !matches!(
-                        e.etype(),
-                        ErrorType::ConnectRefused
-                            | ErrorType::ConnectTimedout
-                            | ErrorType::ConnectError
-                            | ErrorType::ConnectNoRoute
-                            | ErrorType::SocketError
-                    ) {
-                        metrics().upstream_errors.with_label_values(&[kind]).inc();
-                    }
-                    502
-                }
-                ErrorSource::Downstream => match e.etype() {
-                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
-                    _ => 400,
-                },
-                ErrorSource::Internal | ErrorSource::Unset => 500,
-            },
-        };
+        let kind = upstream_kind(e);
+        // Connect failures were counted in `fail_to_connect`, once per try.
+        if e.esource() == &pingora::ErrorSource::Upstream
+            && !matches!(
+                e.etype(),
+                ErrorType::ConnectRefused
+                    | ErrorType::ConnectTimedout
+                    | ErrorType::ConnectError
+                    | ErrorType::ConnectNoRoute
+                    | ErrorType::SocketError
+            )
+        {
+            metrics().upstream_errors.with_label_values(&[kind]).inc();
+        }
+        let answer = GatewayError::from_proxy_error(e, kind);
+        let code = answer.as_ref().map_or(0, GatewayError::status);
         // A response already under way cannot be replaced; the connection is closed instead so
         // the client sees an aborted response, never a complete-looking truncated one.
-        if code > 0 && session.response_written().is_none() {
-            let body = if code == 502 {
-                GatewayError::Upstream(upstream_kind(e)).body()
-            } else {
-                format!("OpenSandbox Ingress: request failed ({code})\n")
-            };
-            self.respond(session, code, body, false).await;
+        if let Some(answer) = &answer
+            && session.response_written().is_none()
+        {
+            self.refuse(session, answer).await;
         }
         ctx.status = code;
         FailToProxy {
@@ -467,45 +730,32 @@ impl ProxyHttp for Gateway {
         let elapsed = ctx.start.elapsed();
         self.duration.observe(elapsed.as_secs_f64());
         if tracing::enabled!(target: "access", tracing::Level::INFO) {
-            access_log(self, session, ctx, status, elapsed, e);
+            access_log(session, ctx, status, elapsed, e);
         }
     }
 }
 
 /// One structured line per request. The Host, query string and any credential are left out:
 /// they can carry tokens and signatures.
-fn access_log(
-    gw: &Gateway,
-    session: &Session,
-    ctx: &Ctx,
-    status: u16,
-    elapsed: Duration,
-    e: Option<&Error>,
-) {
+fn access_log(session: &Session, ctx: &Ctx, status: u16, elapsed: Duration, e: Option<&Error>) {
     let req = session.req_header();
-    let route = gw.route(req).ok();
-    let path = match (gw.mode, route) {
-        (Mode::Uri, Some(r)) if r.signed.is_some() => r.rest_after_signature,
-        (Mode::Uri, Some(r)) => r.rest,
-        (Mode::Uri, None) => "",
-        (Mode::Header, _) => req.uri.path(),
-    };
-    let client = session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip());
+    let path = ctx
+        .log
+        .path_from
+        .and_then(|from| req.uri.path().get(from..))
+        .unwrap_or("");
     tracing::info!(
         target: "access",
-        sandbox = route.map_or("", |r| r.id),
-        port = route.map_or(0, |r| r.port),
-        signed = route.is_some_and(|r| r.signed.is_some()),
+        sandbox = ctx.log.sandbox.as_deref().unwrap_or(""),
+        port = ctx.log.port,
+        signed = ctx.log.signed,
         method = req.method.as_str(),
         path,
         status,
         latency_ms = elapsed.as_secs_f64() * 1000.0,
         bytes_sent = session.body_bytes_sent(),
         bytes_received = session.body_bytes_read(),
-        client = client.map(|ip| ip.to_string()),
+        client = ctx.client.map(|ip| ip.to_string()),
         upstream = ctx.target.map(|t| t.to_string()),
         error = e.map(|e| e.etype().as_str()),
     );
@@ -524,8 +774,131 @@ mod tests {
         );
         assert_eq!(host_value("[::1]:80".parse().unwrap()), "[::1]:80");
         let ip = "10.0.0.1".parse().unwrap();
-        assert_eq!(forwarded_for(None, ip), "10.0.0.1");
-        let prior = HeaderValue::from_static("203.0.113.9");
-        assert_eq!(forwarded_for(Some(&prior), ip), "203.0.113.9, 10.0.0.1");
+        assert_eq!(forwarded_for(std::iter::empty(), ip), "10.0.0.1");
+        let prior = [
+            HeaderValue::from_static("203.0.113.9"),
+            HeaderValue::from_static(" 198.51.100.1 "),
+        ];
+        assert_eq!(
+            forwarded_for(prior.iter(), ip),
+            "203.0.113.9, 198.51.100.1, 10.0.0.1"
+        );
+    }
+
+    fn chain(prior: &[&str], peer: &str, trusted: &str) -> (String, String) {
+        let trusted = net::parse_list(trusted).unwrap();
+        let (client, forwarded) =
+            trusted_chain(prior.iter().copied(), peer.parse().unwrap(), &trusted);
+        (client.to_string(), forwarded)
+    }
+
+    #[test]
+    fn trusted_proxies_name_the_client_and_untrusted_claims_are_dropped() {
+        let lb = "10.0.0.0/8";
+        // The balancer forwarded one client.
+        assert_eq!(
+            chain(&["203.0.113.9"], "10.1.1.1", lb),
+            ("203.0.113.9".into(), "203.0.113.9, 10.1.1.1".into())
+        );
+        // A client's forged prefix is skipped: the balancer vouches only for its own peer.
+        assert_eq!(
+            chain(&["1.1.1.1, 203.0.113.9"], "10.1.1.1", lb),
+            ("203.0.113.9".into(), "203.0.113.9, 10.1.1.1".into())
+        );
+        // Several trusted hops, split over two fields, IPv6 with brackets and ports.
+        assert_eq!(
+            chain(&["[2001:db8::7]:443", "10.2.2.2"], "10.1.1.1", lb),
+            (
+                "2001:db8::7".into(),
+                "2001:db8::7, 10.2.2.2, 10.1.1.1".into()
+            )
+        );
+        // A peer that is not trusted is the client, whatever it claims.
+        assert_eq!(
+            chain(&["1.1.1.1"], "198.51.100.4", lb),
+            ("198.51.100.4".into(), "198.51.100.4".into())
+        );
+        // Garbage stops the walk at the last address vouched for.
+        assert_eq!(
+            chain(&["1.1.1.1, not-an-ip"], "10.1.1.1", lb),
+            ("10.1.1.1".into(), "10.1.1.1".into())
+        );
+        // IPv4-mapped is IPv4.
+        assert_eq!(chain(&["::ffff:192.0.2.1"], "10.1.1.1", lb).0, "192.0.2.1");
+        // All trusted: the leftmost.
+        assert_eq!(chain(&["10.9.9.9"], "10.1.1.1", lb).0, "10.9.9.9");
+        // A chain longer than any real path is cut.
+        let long = vec!["10.3.3.3"; 100].join(", ");
+        assert_eq!(
+            chain(&[&long], "10.1.1.1", lb).1.split(", ").count(),
+            MAX_FORWARDED_HOPS + 1
+        );
+    }
+
+    fn request(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut req = RequestHeader::build("POST", b"/", Some(headers.len())).unwrap();
+        for (k, v) in headers {
+            req.append_header(k.to_string(), *v).unwrap();
+        }
+        req
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        let ok = [
+            vec![],
+            vec![("content-length", "5")],
+            vec![("content-length", "5"), ("content-length", "5")],
+            vec![("transfer-encoding", "chunked")],
+            vec![("transfer-encoding", "Chunked")],
+        ];
+        for h in ok {
+            assert!(framing(&request(&h)).is_ok(), "{h:?}");
+        }
+        let bad = [
+            vec![("content-length", "5"), ("transfer-encoding", "chunked")],
+            vec![("content-length", "5"), ("content-length", "6")],
+            vec![("content-length", "5, 6")],
+            vec![("content-length", "+5")],
+            vec![("content-length", "")],
+            vec![("transfer-encoding", "xchunked")],
+            vec![("transfer-encoding", "chunked, gzip")],
+            vec![("transfer-encoding", "gzip, chunked")],
+            vec![
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked"),
+            ],
+            vec![("transfer-encoding", "")],
+        ];
+        for h in bad {
+            assert!(framing(&request(&h)).is_err(), "{h:?}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_stay_on_their_hop() {
+        let mut req = request(&[
+            ("connection", "close, x-secret, Content-Length, host"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x-sum"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("content-length", "3"),
+            ("host", "a"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut req);
+        let mut left: Vec<&str> = req.headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-length", "host", "x-kept"]);
+        let mut ws = request(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        strip_hop_by_hop(&mut ws);
+        assert_eq!(ws.headers.get("connection").unwrap(), "upgrade");
+        assert_eq!(ws.headers.get("upgrade").unwrap(), "websocket");
     }
 }

@@ -19,6 +19,7 @@ use crate::config::{Config, ConfigError, Provider};
 use crate::conn::HeaderDeadline;
 use crate::drain::{Drain, Signals};
 use crate::keys::KeysReloader;
+use crate::limit::Budgets;
 use crate::metrics::metrics;
 use crate::provider::file;
 use crate::provider::file::FileProvider;
@@ -42,8 +43,15 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
         max_header_bytes: config.max_header_bytes,
         connect_timeout: Duration::from_millis(config.upstream_connect_timeout_ms),
         idle_timeout: Duration::from_secs(config.upstream_idle_timeout_seconds),
-        auth_failures_per_minute: config.auth_failures_per_minute,
+        budgets: Budgets {
+            per_client: config.auth_failures_per_minute,
+            per_sandbox: config.signature_failures_per_sandbox_per_minute,
+            window: Duration::from_secs(60),
+            capacity: config.auth_limiter_max_clients,
+        },
         max_signed_route_lifetime: Some(config.max_signed_route_lifetime).filter(|&s| s > 0),
+        denied_ports: config.denied_ports()?,
+        trusted_proxies: config.trusted_proxies()?,
     };
 
     let gateway = Gateway::new(

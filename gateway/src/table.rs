@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 
 use crate::metrics::metrics;
+use crate::objects::Sandbox;
+use crate::ports::PortSet;
 
 /// One sandbox object as a provider read it, before names are checked for clashes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +23,21 @@ pub struct Record {
     pub token: Option<String>,
     /// Upstream addresses, or why there are none.
     pub upstream: Result<Vec<IpAddr>, String>,
+    /// Ports requests may reach; `None`: every port.
+    pub ports: Option<PortSet>,
+}
+
+impl Record {
+    /// The record of a sandbox read by a provider, with its upstream resolved.
+    pub fn of(sandbox: &Sandbox, upstream: Result<Vec<IpAddr>, String>) -> Self {
+        Self {
+            namespace: sandbox.namespace.clone(),
+            name: sandbox.name.clone(),
+            token: sandbox.token.clone(),
+            upstream,
+            ports: sandbox.ports.clone(),
+        }
+    }
 }
 
 /// What the gateway does with a request for a sandbox id.
@@ -37,6 +54,8 @@ pub enum Entry {
 pub struct Routable {
     pub namespace: Box<str>,
     pub token: Option<Box<str>>,
+    /// Ports requests may reach; `None`: every port.
+    pub ports: Option<PortSet>,
     endpoints: Box<[IpAddr]>,
     next: AtomicUsize,
 }
@@ -62,6 +81,7 @@ fn entry_for(records: &[(String, Record)]) -> Entry {
             Ok(endpoints) if !endpoints.is_empty() => Entry::Routable(Routable {
                 namespace: r.namespace.as_str().into(),
                 token: r.token.as_deref().filter(|t| !t.is_empty()).map(Into::into),
+                ports: r.ports.clone(),
                 endpoints: endpoints.as_slice().into(),
                 next: AtomicUsize::new(0),
             }),
@@ -89,6 +109,14 @@ pub struct RouteTable {
 impl RouteTable {
     pub fn get(&self, id: &str) -> Option<Arc<Entry>> {
         self.snapshot.load().get(id).cloned()
+    }
+
+    /// The entry with the table's own copy of its id (kept for logging without a copy).
+    pub fn get_with_id(&self, id: &str) -> Option<(Arc<str>, Arc<Entry>)> {
+        self.snapshot
+            .load()
+            .get_key_value(id)
+            .map(|(k, v)| (k.clone(), v.clone()))
     }
 
     pub fn len(&self) -> usize {
@@ -237,6 +265,7 @@ mod tests {
             namespace: ns.into(),
             name: name.into(),
             token: None,
+            ports: None,
             upstream: upstream
                 .map(|v| v.iter().map(|s| s.parse().unwrap()).collect())
                 .map_err(String::from),

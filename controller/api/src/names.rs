@@ -24,6 +24,8 @@ pub const ANNOTATION_SECURE_ACCESS: &str = "opensandbox.io/secure-access";
 pub const ANNOTATION_EGRESS_AUTH_TOKEN: &str = "opensandbox.io/egress-auth-token";
 /// Egress policy JSON for the sidecar.
 pub const ANNOTATION_NETWORK_POLICY: &str = "opensandbox.io/network-policy";
+/// Ports of the sandbox the gateway forwards to (`"8080,3000,9000-9010"`); absent: every port.
+pub const ANNOTATION_EXPOSED_PORTS: &str = "opensandbox.io/exposed-ports";
 
 /// Routing header: `<sandbox-id>-<port>`.
 pub const HEADER_INGRESS_TO: &str = "opensandbox-ingress-to";

@@ -254,12 +254,7 @@ impl Watch<'_> {
                 }
             },
         };
-        Record {
-            namespace: sandbox.namespace.clone(),
-            name: sandbox.name.clone(),
-            token: sandbox.token.clone(),
-            upstream,
-        }
+        Record::of(sandbox, upstream)
     }
 
     fn lookup(&mut self, name: &str) {

@@ -68,11 +68,8 @@ pub async fn records(sandboxes: &[Sandbox], policy: &UpstreamPolicy) -> Vec<Reco
     let resolved = resolve_names(sandboxes).await;
     sandboxes
         .iter()
-        .map(|s| Record {
-            namespace: s.namespace.clone(),
-            name: s.name.clone(),
-            token: s.token.clone(),
-            upstream: match &s.target {
+        .map(|s| {
+            let upstream = match &s.target {
                 Target::Addresses(a) => usable(a, policy),
                 Target::Unavailable(reason) => Err(reason.clone()),
                 Target::Name(n) => resolved
@@ -80,7 +77,8 @@ pub async fn records(sandboxes: &[Sandbox], policy: &UpstreamPolicy) -> Vec<Reco
                     .cloned()
                     .unwrap_or_else(|| Err(format!("cannot resolve {n}")))
                     .and_then(|a| usable(&a, policy)),
-            },
+            };
+            Record::of(s, upstream)
         })
         .collect()
 }
@@ -110,6 +108,7 @@ mod tests {
             name: name.into(),
             token: None,
             target,
+            ports: None,
         }
     }
 
