@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
+use pingora::protocols::l4::socket::SocketAddr as L4SocketAddr;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
@@ -19,6 +21,8 @@ use pingora::protocols::{
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+
+use crate::proxy_protocol::{self, Header, ParseError};
 
 /// Where the connection is in reading a request header.
 #[derive(Debug)]
@@ -228,6 +232,43 @@ impl GetSocketDigest for DeadlineStream {
 #[async_trait]
 impl Peek for DeadlineStream {}
 
+/// Reads the PROXY protocol header off a fresh TCP connection and makes its source the
+/// connection's peer address; the bytes after the header are put back for the HTTP parser.
+/// Errors are metric reasons.
+async fn read_proxy_header(stream: Stream) -> Result<Stream, &'static str> {
+    use std::os::fd::AsRawFd;
+    use tokio::io::AsyncReadExt;
+
+    let mut l4 = stream
+        .into_any()
+        .downcast::<L4Stream>()
+        .map_err(|_| "not_tcp")?;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = l4.read(&mut chunk).await.map_err(|_| "read_error")?;
+        if n == 0 {
+            return Err("closed");
+        }
+        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        match proxy_protocol::parse(&buf) {
+            Ok(Some((header, used))) => {
+                l4.rewind(buf.get(used..).unwrap_or_default());
+                if let Header::Proxied { source, .. } = header {
+                    let digest = SocketDigest::from_raw_fd(l4.as_raw_fd());
+                    let _ = digest.peer_addr.set(Some(L4SocketAddr::Inet(source)));
+                    l4.set_socket_digest(digest);
+                }
+                return Ok(l4);
+            }
+            Ok(None) if buf.len() < proxy_protocol::MAX_HEADER => {}
+            Ok(None) | Err(ParseError::TooLong) => return Err("too_long"),
+            Err(ParseError::NotProxyProtocol) => return Err("missing"),
+            Err(_) => return Err("malformed"),
+        }
+    }
+}
+
 /// Marks the request on `stream` finished, if it is one of ours.
 pub fn request_done(stream: Option<&Stream>) {
     if let Some(s) = stream.and_then(|s| s.as_any().downcast_ref::<DeadlineStream>()) {
@@ -235,11 +276,14 @@ pub fn request_done(stream: Option<&Stream>) {
     }
 }
 
-/// A server app that wraps each accepted connection in a [`DeadlineStream`].
+/// A server app that wraps each accepted connection in a [`DeadlineStream`], after reading
+/// its PROXY protocol header when the listener expects one.
 pub struct HeaderDeadline<A> {
     pub inner: Arc<A>,
     pub timeout: Duration,
     pub keepalive: Duration,
+    /// Every connection starts with a PROXY protocol header (`--proxy-protocol`).
+    pub proxy_protocol: bool,
 }
 
 #[async_trait]
@@ -249,6 +293,23 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let stream = if self.proxy_protocol {
+            // The PROXY header is part of the request header's time budget.
+            let read = tokio::time::timeout(self.timeout, read_proxy_header(stream)).await;
+            match read.unwrap_or(Err("timeout")) {
+                Ok(stream) => stream,
+                Err(reason) => {
+                    crate::metrics::metrics()
+                        .proxy_protocol_errors
+                        .with_label_values(&[reason])
+                        .inc();
+                    tracing::debug!(reason, "connection closed: no valid PROXY protocol header");
+                    return None;
+                }
+            }
+        } else {
+            stream
+        };
         let wrapped: Stream = Box::new(DeadlineStream::new(stream, self.timeout, self.keepalive));
         self.inner.process_new(wrapped, shutdown).await
     }

@@ -16,6 +16,7 @@ pub mod objects;
 pub mod ports;
 pub mod provider;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod route;
 pub mod server;
 pub mod table;

@@ -134,7 +134,14 @@ impl Gateway {
         if header_size(req) > self.limits.max_header_bytes {
             return Err(GatewayError::HeaderTooLarge(self.limits.max_header_bytes));
         }
-        framing(req).inspect_err(|_| refused("framing"))?;
+        let raw = session.as_downstream().as_http1().and_then(|h1| {
+            // Only requests with Transfer-Encoding need their raw header.
+            h1.req_header()
+                .headers
+                .contains_key(TRANSFER_ENCODING)
+                .then(|| h1.get_headers_raw_bytes())
+        });
+        framing(req, raw.as_deref()).inspect_err(|_| refused("framing"))?;
         let route = route?;
         ctx.log = LogRoute::of(&route, self.mode, path);
         if self.limits.denied_ports.contains(route.port) {
@@ -416,13 +423,14 @@ fn forwarded_ip(entry: &str) -> Option<IpAddr> {
 
 /// Refuses framing two parsers could read differently (request smuggling): Content-Length with
 /// Transfer-Encoding, a Transfer-Encoding other than one `chunked`, Content-Lengths that differ
-/// or are not plain digits.
-fn framing(req: &RequestHeader) -> Result<(), GatewayError> {
+/// or are not plain digits. Pingora drops a Content-Length that comes with Transfer-Encoding
+/// before the gateway sees the header, so `raw` (the header as sent) is read for it.
+fn framing(req: &RequestHeader, raw: Option<&[u8]>) -> Result<(), GatewayError> {
     let te = req.headers.get_all(TRANSFER_ENCODING);
     let mut lengths = req.headers.get_all(CONTENT_LENGTH).iter();
     let first_length = lengths.next();
     if te.iter().next().is_some() {
-        if first_length.is_some() {
+        if first_length.is_some() || raw.is_some_and(names_content_length) {
             return Err(GatewayError::Framing(
                 "Content-Length together with Transfer-Encoding",
             ));
@@ -454,6 +462,16 @@ fn framing(req: &RequestHeader) -> Result<(), GatewayError> {
         }
     }
     Ok(())
+}
+
+/// Whether a raw request header has a Content-Length field (names are matched without case;
+/// the request line is skipped).
+fn names_content_length(raw: &[u8]) -> bool {
+    const NAME: &[u8] = b"content-length:";
+    raw.split(|&b| b == b'\n').skip(1).any(|line| {
+        line.get(..NAME.len())
+            .is_some_and(|n| n.eq_ignore_ascii_case(NAME))
+    })
 }
 
 /// Headers that mean something only on one connection are not forwarded: `Connection` and the
@@ -853,7 +871,7 @@ mod tests {
             vec![("transfer-encoding", "Chunked")],
         ];
         for h in ok {
-            assert!(framing(&request(&h)).is_ok(), "{h:?}");
+            assert!(framing(&request(&h), None).is_ok(), "{h:?}");
         }
         let bad = [
             vec![("content-length", "5"), ("transfer-encoding", "chunked")],
@@ -871,8 +889,14 @@ mod tests {
             vec![("transfer-encoding", "")],
         ];
         for h in bad {
-            assert!(framing(&request(&h)).is_err(), "{h:?}");
+            assert!(framing(&request(&h), None).is_err(), "{h:?}");
         }
+        // Pingora removes a Content-Length sent with Transfer-Encoding; the raw header shows it.
+        let te = request(&[("transfer-encoding", "chunked")]);
+        let raw = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nCONTENT-LENGTH: 5\r\n\r\n";
+        assert!(framing(&te, Some(raw)).is_err());
+        let raw = b"POST /content-length: HTTP/1.1\r\nX-Content-Length: 5\r\n\r\n";
+        assert!(framing(&te, Some(raw)).is_ok());
     }
 
     #[test]

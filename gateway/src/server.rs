@@ -67,6 +67,7 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
         inner: Arc::new(proxy),
         timeout: Duration::from_secs(config.header_timeout_seconds),
         keepalive: Duration::from_secs(config.keepalive_timeout_seconds),
+        proxy_protocol: config.proxy_protocol,
     };
     let mut listener = Service::new("sandbox gateway".to_owned(), app);
     listener.add_tcp(&socket(config.bind, config.port));

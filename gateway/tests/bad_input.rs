@@ -181,14 +181,55 @@ fn idle_keepalive_connections_are_closed() {
     );
 }
 
+/// Runs the gateway expecting it to refuse `args`; one that starts instead is stopped and fails
+/// the test rather than hanging it.
 fn start_fails(args: &[&str]) -> String {
-    let out = Command::new(gateway_binary())
+    let mut child = Command::new(gateway_binary())
         .args(args)
         .env_remove("OPENSANDBOX_SECURE_ACCESS_KEYS")
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("started with {args:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
     assert!(!out.status.success(), "started with {args:?}");
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_port_lists_and_proxy_ranges_refuse_to_start() {
+    // Were a value wrongly accepted, the gateway must not take anyone's ports.
+    let file = [
+        "--provider-type",
+        "file",
+        "--sandbox-file",
+        "/nonexistent.yaml",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "1",
+    ];
+    for bad in ["80,", "0", "90-80", "http", "65536"] {
+        let err = start_fails(&[&file[..], &["--denied-ports", bad]].concat());
+        assert!(err.contains("--denied-ports"), "{bad}: {err}");
+    }
+    for bad in ["10.0.0.0/33", "proxy", "10.0.0.1/8/8"] {
+        let err = start_fails(&[&file[..], &["--trusted-proxy-cidrs", bad]].concat());
+        assert!(err.contains("--trusted-proxy-cidrs"), "{bad}: {err}");
+    }
+    let err = start_fails(&[&file[..], &["--auth-limiter-max-clients", "0"]].concat());
+    assert!(err.contains("--auth-limiter-max-clients"), "{err}");
 }
 
 #[test]

@@ -54,12 +54,7 @@ fn host(gw: &Gateway, host: &str, extra: &[(&str, &str)]) -> Response {
 }
 
 fn upstream_header(resp: &Response, name: &str) -> Option<String> {
-    resp.echo()["headers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h[0].as_str().unwrap().eq_ignore_ascii_case(name))
-        .map(|h| h[1].as_str().unwrap().to_owned())
+    resp.upstream_header(name)
 }
 
 fn assert_proxied(resp: &Response, path: &str) {

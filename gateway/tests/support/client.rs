@@ -24,6 +24,14 @@ impl Response {
     pub fn body_text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
+    /// A header as the echo upstream received it.
+    pub fn upstream_header(&self, name: &str) -> Option<String> {
+        self.echo()["headers"]
+            .as_array()?
+            .iter()
+            .find(|h| h[0].as_str().is_some_and(|k| k.eq_ignore_ascii_case(name)))
+            .and_then(|h| h[1].as_str().map(str::to_owned))
+    }
     /// The echo upstream's JSON view of the request it received.
     pub fn echo(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)

@@ -252,6 +252,20 @@ impl Gateway {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits for the log (written off the request path) to contain `needle`; panics with the
+    /// log when it does not within 5 seconds.
+    pub fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.log_text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "log lacks {needle:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The value of a metric line starting with `prefix` (name and labels), or 0.
     pub fn metric(&self, prefix: &str) -> f64 {
         let body = client::blocking_get(self.metrics, "/metrics")

@@ -2,6 +2,8 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,6 +22,12 @@ type Body = BoxBody<Bytes, std::io::Error>;
 
 pub struct Upstream {
     pub addr: SocketAddr,
+    /// Requests whose header reached this upstream.
+    pub hits: Arc<AtomicUsize>,
+    /// Connections accepted.
+    pub connections: Arc<AtomicUsize>,
+    /// Request bodies that ended in an error (the sender aborted them) on `/count`.
+    pub body_errors: Arc<AtomicUsize>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -29,6 +37,11 @@ impl Upstream {
     pub fn start(ip: IpAddr, port: u16) -> Self {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let body_errors = Arc::new(AtomicUsize::new(0));
+        let (hits_in, connections_in, errors_in) =
+            (hits.clone(), connections.clone(), body_errors.clone());
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -42,12 +55,16 @@ impl Upstream {
                         let Ok((stream, _)) = listener.accept().await else {
                             continue;
                         };
+                        connections_in.fetch_add(1, Ordering::SeqCst);
+                        let hits = hits_in.clone();
+                        let errors = errors_in.clone();
                         tokio::spawn(async move {
+                            let service = hyper::service::service_fn(move |req| {
+                                hits.fetch_add(1, Ordering::SeqCst);
+                                handle(req, errors.clone())
+                            });
                             let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(
-                                    TokioIo::new(stream),
-                                    hyper::service::service_fn(handle),
-                                )
+                                .serve_connection(TokioIo::new(stream), service)
                                 .with_upgrades()
                                 .await;
                         });
@@ -64,6 +81,9 @@ impl Upstream {
             .expect("upstream did not start");
         Self {
             addr,
+            hits,
+            connections,
+            body_errors,
             stop: Some(stop_tx),
             thread: Some(thread),
         }
@@ -121,7 +141,10 @@ fn echo_json(req: &Request<Incoming>, extra: serde_json::Value) -> serde_json::V
     })
 }
 
-async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    mut req: Request<Incoming>,
+    body_errors: Arc<AtomicUsize>,
+) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     let resp = match path.as_str() {
         "/sse" => {
@@ -162,7 +185,10 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible
             while let Some(frame) = body.frame().await {
                 match frame {
                     Ok(f) => n += f.data_ref().map_or(0, |d| d.len()),
-                    Err(_) => break,
+                    Err(_) => {
+                        body_errors.fetch_add(1, Ordering::SeqCst);
+                        break;
+                    }
                 }
             }
             let _ = &mut body;
