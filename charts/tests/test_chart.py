@@ -176,6 +176,21 @@ def test_gateway_pod_is_hardened_and_keys_stay_off_argv(chart):
     assert not [o for o in objects if o["kind"] == "Secret"]
 
 
+def test_front_door_values_become_flags(chart):
+    args = gateway_container(render(chart, {}))["args"]
+    assert "--signature-failures-per-sandbox-per-minute=600" in args
+    assert "--auth-limiter-max-clients=100000" in args
+    assert not [a for a in args if a.startswith(("--denied-ports", "--proxy-protocol", "--trusted-proxy-cidrs"))]
+    args = gateway_container(render(chart, {"gateway": {
+        "deniedPorts": ["18080", "9000-9100"],
+        "proxyProtocol": True,
+        "trustedProxyCidrs": ["10.0.0.0/8", "192.0.2.1"],
+    }}))["args"]
+    assert "--denied-ports=18080,9000-9100" in args
+    assert "--proxy-protocol=true" in args
+    assert "--trusted-proxy-cidrs=10.0.0.0/8,192.0.2.1" in args
+
+
 @pytest.mark.parametrize("values,where", [
     ({"gateway": {"mode": "path"}}, "/gateway/mode"),
     ({"gateway": {"workload": "StatefulSet"}}, "/gateway/workload"),
@@ -187,6 +202,11 @@ def test_gateway_pod_is_hardened_and_keys_stay_off_argv(chart):
     ({"gateway": {"secureAccess": {"keys": {"AB": "x"}}}}, "/gateway/secureAccess/keys"),
     ({"gateway": {"allowedUpstreamCidrs": ["10.0.0.0"]}}, "/gateway/allowedUpstreamCidrs/0"),
     ({"controller": {"egress": {"mode": "nft"}}}, "/controller/egress/mode"),
+    ({"gateway": {"deniedPorts": ["0"]}}, "/gateway/deniedPorts/0"),
+    ({"gateway": {"deniedPorts": ["80,81"]}}, "/gateway/deniedPorts/0"),
+    ({"gateway": {"trustedProxyCidrs": ["lb"]}}, "/gateway/trustedProxyCidrs/0"),
+    ({"gateway": {"proxyProtocol": "yes"}}, "/gateway/proxyProtocol"),
+    ({"gateway": {"authLimiterMaxClients": 0}}, "/gateway/authLimiterMaxClients"),
     ({"gatway": {}}, "gatway"),
 ])
 def test_schema_refuses_bad_values(chart, values, where):

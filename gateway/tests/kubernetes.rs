@@ -78,6 +78,16 @@ fn batch_sandbox_routes_follow_the_object() {
         seen_host(r) == Some(format!("{ip2}:{port}"))
     });
     eprintln!("endpoint change routed after {moved:?}");
+    // Doors follow the object too: another port only, then a malformed list, then this port.
+    let exposed = |v: &str| json!({"opensandbox.io/exposed-ports": v});
+    boxes.annotate("box", exposed("1-80"));
+    eventually(&gw, &host, "door closed", |r| r.status == 403);
+    boxes.annotate("box", exposed("80,x"));
+    eventually(&gw, &host, "malformed list opens nothing", |r| {
+        r.status == 503 && r.body_text().contains("opensandbox.io/exposed-ports")
+    });
+    boxes.annotate("box", exposed(&format!("1-80,{port}")));
+    eventually(&gw, &host, "door open", |r| r.status == 200);
     boxes.set_status("box", ready_status(0));
     eventually(&gw, &host, "not ready", |r| r.status == 503);
     boxes.delete("box");
