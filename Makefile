@@ -1,4 +1,4 @@
-.PHONY: demo test images bench scale k8s-bench dns-bench controller-bench
+.PHONY: demo test images bench scale k8s-bench dns-bench controller-bench hostile
 
 # Quick start: gateway + demo upstream on the bundled example sandboxes.
 demo:
@@ -32,3 +32,7 @@ dns-bench:
 # BatchSandbox controller vs the reference controller: create → pod, pod Ready → endpoints, CPU.
 controller-bench:
 	loadtest/controller.sh
+
+# The hostile-client suite in its full form (the test command runs a short one); prints a table.
+hostile:
+	HOSTILE_FULL=1 cargo test -p gateway --test hostile -- --nocapture

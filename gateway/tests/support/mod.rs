@@ -100,6 +100,9 @@ pub struct Gateway {
 }
 
 pub struct GatewayOptions<'a> {
+    /// Listen address (default: a loopback address of the test's own); an unspecified
+    /// address listens on every address, reached at 127.0.0.1.
+    pub bind: Option<IpAddr>,
     pub mode: &'a str,
     pub keys: Option<&'a str>,
     pub extra: Vec<String>,
@@ -109,6 +112,7 @@ pub struct GatewayOptions<'a> {
 impl Default for GatewayOptions<'_> {
     fn default() -> Self {
         Self {
+            bind: None,
             mode: "header",
             keys: None,
             extra: Vec::new(),
@@ -202,7 +206,7 @@ impl Gateway {
         let log = dir.path().join("gateway.log");
         // A loopback address of its own with fixed ports: nothing else binds there, so the
         // ports cannot be taken between choosing and binding them (a port 0 probe could).
-        let ip = unique_loopback();
+        let ip = opts.bind.unwrap_or_else(unique_loopback);
         let (port, metrics_port) = (28888, 28889);
         let mut cmd = Command::new(gateway_binary());
         cmd.args(["--bind", &ip.to_string(), "--threads", "1"])
@@ -228,6 +232,11 @@ impl Gateway {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("start sandbox-gateway");
+        let ip = if ip.is_unspecified() {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            ip
+        };
         Self {
             child,
             addr: SocketAddr::new(ip, port),
