@@ -134,6 +134,7 @@ impl AsyncRead for DeadlineStream {
         }
         match this.phase {
             Phase::Header(_) if this.deadline.as_mut().poll(cx).is_ready() => {
+                crate::metrics::metrics().header_timeouts.inc();
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "request header not received within the header timeout",

@@ -17,7 +17,18 @@ fn main() {
         }
     };
     let access = if config.access_log { "info" } else { "off" };
-    let filter = EnvFilter::new(format!("{level},pingora=warn,access={access}"));
+    // Pingora's proxy logs every connection that fails before its request header (a slow or
+    // hostile client) at error level: an attacker would flood the log, which is lossless and so
+    // would slow requests. Those show as `sandbox_gateway_header_timeouts_total` instead; request
+    // failures are in the access log. Debug and trace show them.
+    let proxy = if matches!(level, "debug" | "trace") {
+        level
+    } else {
+        "off"
+    };
+    let filter = EnvFilter::new(format!(
+        "{level},pingora=warn,pingora_proxy={proxy},access={access}"
+    ));
     // Lossless: under overload the request path waits for the log thread rather than dropping
     // access-log lines. The guard flushes the buffer at exit.
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()

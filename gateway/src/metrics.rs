@@ -42,6 +42,8 @@ pub struct Metrics {
     pub auth_limiter_clients: IntGauge,
     /// Connections closed for a missing or malformed PROXY protocol header, by reason.
     pub proxy_protocol_errors: IntCounterVec,
+    /// Connections closed because their request header did not arrive within the deadline.
+    pub header_timeouts: IntCounter,
     /// Watch events by kind and type.
     pub watch_events: IntCounterVec,
     /// 1 while a provider's watch is connected, by provider.
@@ -136,6 +138,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
         auth_limiter_clients: register_int_gauge!(opts!(
             "sandbox_gateway_auth_limiter_clients",
             "Clients the failed-credential limiter holds."
+        ))?,
+        header_timeouts: register_int_counter!(opts!(
+            "sandbox_gateway_header_timeouts_total",
+            "Connections closed because their request header did not arrive within --header-timeout-seconds."
         ))?,
         proxy_protocol_errors: register_int_counter_vec!(
             opts!(

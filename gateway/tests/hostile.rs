@@ -648,11 +648,26 @@ fn inside() {
             verdict
         );
     }
+    // Slow and silent clients are counted, not logged one line each (the log is lossless: a
+    // flood of lines would slow every request).
+    let timeouts = gw.metric("sandbox_gateway_header_timeouts_total");
+    let expected = (2 * scale.slow + scale.idle) as f64;
+    println!("header timeouts counted: {timeouts} (at least {expected} expected)");
+    if timeouts < expected {
+        failed.push(format!(
+            "header timeouts counted {timeouts}, expected at least {expected}"
+        ));
+    }
+    let log = gw.log_text();
+    let lines = log.lines().count();
+    println!("gateway log lines: {lines}");
+    if lines > 50 {
+        failed.push(format!("the attacks wrote {lines} log lines"));
+    }
     println!(
         "\nhostile suite verdict: {}",
         if failed.is_empty() { "PASS" } else { "FAIL" }
     );
-    let log = gw.log_text();
     let tail: Vec<&str> = log.lines().rev().take(20).collect();
     assert!(
         failed.is_empty(),
