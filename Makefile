@@ -1,4 +1,4 @@
-.PHONY: demo test images bench scale k8s-bench dns-bench controller-bench hostile
+.PHONY: demo test images bench scale k8s-bench dns-bench controller-bench hostile k6
 
 # Quick start: gateway + demo upstream on the bundled example sandboxes.
 demo:
@@ -36,3 +36,7 @@ controller-bench:
 # The hostile-client suite in its full form (the test command runs a short one); prints a table.
 hostile:
 	HOSTILE_FULL=1 cargo test -p gateway --test hostile -- --nocapture
+
+# The k6 scenarios in their full form (the test command runs the short one); prints a table.
+k6:
+	loadtest/k6.sh full

@@ -6,7 +6,8 @@
 # ROUNDS times, interleaved, and the medians are reported. Prints a table and a verdict line
 # and writes both to loadtest/results/.
 #
-# Env: ROUNDS (3), DURATION (10s), CONNECTIONS (50), PAYLOAD (bytes in the upstream body, 128).
+# Env: ROUNDS (3), DURATION (10s), CONNECTIONS (50), PAYLOAD (bytes in the upstream body, 128),
+# SAVE (1: write the report to loadtest/results/; the test command's short run sets 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -150,5 +151,7 @@ report=$(
   awk -v a="$gw" -v b="$nginx_rps" 'BEGIN { r = a / b; printf "verdict: sandbox-gateway reaches %.0f%% of nginx proxy_pass throughput (%s)\n", r * 100, (r >= 1 ? "at or above nginx" : "below nginx") }'
 )
 echo "$report"
-mkdir -p loadtest/results
-echo "$report" > "loadtest/results/$(date -u +%F)-$commit-proxy.md"
+if [ "${SAVE:-1}" = 1 ]; then
+  mkdir -p loadtest/results
+  echo "$report" > "loadtest/results/$(date -u +%F)-$commit-proxy.md"
+fi

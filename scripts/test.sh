@@ -26,3 +26,6 @@ echo "the quick start answered through the gateway"
 # The three images, built without a Docker daemon, each run once with runc.
 scripts/images.sh
 scripts/image-smoke.sh
+# Load tests in their short form, each printing its verdict (the long forms: make k6, make bench).
+loadtest/k6.sh short
+ROUNDS=1 DURATION=3s SAVE=0 loadtest/run.sh
