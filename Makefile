@@ -1,4 +1,4 @@
-.PHONY: demo test images bench scale k8s-bench dns-bench controller-bench hostile k6
+.PHONY: demo test images bench scale k8s-bench dns-bench controller-bench hostile k6 fanout
 
 # Quick start: gateway + demo upstream on the bundled example sandboxes.
 demo:
@@ -40,3 +40,7 @@ hostile:
 # The k6 scenarios in their full form (the test command runs the short one); prints a table.
 k6:
 	loadtest/k6.sh full
+
+# Many gateways on one API server: API server CPU per gateway sync, paged vs streaming lists.
+fanout:
+	loadtest/fanout.sh

@@ -3,7 +3,7 @@
 # sandbox file, with the tests' upstream (HTTP, SSE, WebSocket). Prints a table and a verdict.
 #
 # `loadtest/k6.sh [short|full] [scenario...]` (short: 1,000 sandboxes, 200 iterations/s, 5 s per
-# scenario; full: 10,000 sandboxes, 2,000/s, 30 s). Env: K6_RATE, K6_DURATION override the form.
+# scenario; full: 10,000 sandboxes, 1,000/s, 30 s). Env: K6_RATE, K6_DURATION override the form.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -43,7 +43,7 @@ struct Form {
 
 fn form(name: &str) -> Form {
     let (sandboxes, rate, duration) = match name {
-        "full" => (10_000, 2_000, "30s"),
+        "full" => (10_000, 1_000, "30s"),
         _ => (1_000, 200, "5s"),
     };
     Form {

@@ -5,6 +5,8 @@
 //!   server acknowledging the patch to the first request routed by the new endpoint.
 //! - `scale [N]`: N BatchSandboxes (default 100000) created first; then the gateway's time to
 //!   ready and its RSS with all of them in the table.
+//! - `fanout [N] [K]`: K gateways (default 9) start at once against N BatchSandboxes (default
+//!   20000), with paged and with streaming initial lists: the API server's CPU per gateway sync.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/support/mod.rs"]
@@ -18,8 +20,16 @@ use support::k8s::{ControlPlane, Objects, batch_resource};
 use support::{Gateway, GatewayOptions};
 
 fn gateway(plane: &ControlPlane) -> Gateway {
+    gateway_listing(plane, "streaming")
+}
+
+/// The gateway loading its objects with `--initial-list <mode>`.
+fn gateway_listing(plane: &ControlPlane, mode: &str) -> Gateway {
     let opts = GatewayOptions {
-        extra: vec!["--access-log=false".into()],
+        extra: vec![
+            "--access-log=false".into(),
+            format!("--initial-list={mode}"),
+        ],
         ..Default::default()
     };
     support::kube_gateway(&plane.kubeconfig, "batchsandbox", opts)
@@ -145,12 +155,101 @@ fn scale(n: usize) {
     );
 }
 
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // USER_HZ is 100 on Linux.
+    ticks / 100.0
+}
+
+/// `gateways` gateways start at once against `n` BatchSandboxes (a DaemonSet rolling out), once
+/// per initial-list mode: the API server's CPU per gateway sync and each gateway's time to ready.
+fn fanout(n: usize, gateways: usize) {
+    let plane = ControlPlane::start();
+    plane.create_namespace("fanout");
+    let created = Instant::now();
+    plane.create_many("fanout", n, |i| {
+        json!({
+            "metadata": {"name": format!("sbx-{i:07}"), "annotations": {
+                "sandbox.opensandbox.io/endpoints": format!("[\"10.{}.{}.{}\"]", i / 65536 % 256, i / 256 % 256, i % 256)}},
+            "spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "main", "image": "sandbox:latest"}]}}},
+        })
+    });
+    eprintln!("created {n} BatchSandboxes in {:?}", created.elapsed());
+    let apiserver = plane.apiserver_pid().expect("the API server runs");
+    std::thread::sleep(Duration::from_secs(3));
+    println!(
+        "| initial list | gateways | objects | API server CPU s per gateway sync | ready p50 s | ready max s |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut per_gateway = Vec::new();
+    for mode in ["paged", "streaming"] {
+        let idle = {
+            let before = cpu_seconds(apiserver);
+            std::thread::sleep(Duration::from_secs(2));
+            (cpu_seconds(apiserver) - before) / 2.0
+        };
+        let before = cpu_seconds(apiserver);
+        let start = Instant::now();
+        let gws: Vec<Gateway> = (0..gateways)
+            .map(|_| gateway_listing(&plane, mode))
+            .collect();
+        let mut ready: Vec<Option<Duration>> = vec![None; gateways];
+        while ready.iter().any(Option::is_none) {
+            for (i, gw) in gws.iter().enumerate() {
+                if ready[i].is_none()
+                    && support::client::blocking_get(gw.metrics, "/readyz")
+                        .is_ok_and(|r| r.status == 200)
+                {
+                    ready[i] = Some(start.elapsed());
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(600),
+                "{mode}: not all ready"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let took = start.elapsed();
+        let cpu = cpu_seconds(apiserver) - before - idle * took.as_secs_f64();
+        for gw in &gws {
+            assert_eq!(
+                gw.metric("sandbox_gateway_route_table_sandboxes") as usize,
+                n
+            );
+        }
+        drop(gws);
+        let mut times: Vec<Duration> = ready.into_iter().flatten().collect();
+        times.sort();
+        let each = cpu / gateways as f64;
+        per_gateway.push(each);
+        println!(
+            "| {mode} | {gateways} | {n} | {each:.2} | {:.2} | {:.2} |",
+            percentile(&times, 0.5).as_secs_f64(),
+            times[times.len() - 1].as_secs_f64()
+        );
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    println!();
+    println!(
+        "verdict: a streaming initial list costs the API server {:.0}% of a paged one's CPU per gateway",
+        per_gateway[1] / per_gateway[0] * 100.0
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let n = args.get(2).and_then(|s| s.parse().ok());
     match args.get(1).map(String::as_str).unwrap_or("propagation") {
         "propagation" => propagation(n.unwrap_or(500)),
         "scale" => scale(n.unwrap_or(100_000)),
-        other => panic!("unknown benchmark {other:?}: propagation or scale"),
+        "fanout" => fanout(
+            n.unwrap_or(20_000),
+            args.get(3).and_then(|s| s.parse().ok()).unwrap_or(9),
+        ),
+        other => panic!("unknown benchmark {other:?}: propagation, scale or fanout"),
     }
 }

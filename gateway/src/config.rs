@@ -31,6 +31,16 @@ impl Mode {
     }
 }
 
+/// How a Kubernetes watch loads its objects before following changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InitialList {
+    /// A watch that streams the current objects first (`sendInitialEvents`, served from the API
+    /// server's watch cache); falls back to `paged` when the server does not offer it.
+    Streaming,
+    /// Paginated LIST calls, then a watch.
+    Paged,
+}
+
 /// Where sandbox objects come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Provider {
@@ -73,6 +83,11 @@ pub struct Config {
     /// Watch only sandbox objects matching this label selector.
     #[arg(long)]
     pub label_selector: Option<String>,
+
+    /// How each Kubernetes watch loads the current objects: `streaming` (one watch stream from the
+    /// API server's cache; `paged` when the server does not offer it) or `paged` LIST calls.
+    #[arg(long, value_enum, default_value_t = InitialList::Streaming)]
+    pub initial_list: InitialList,
 
     /// Sandbox addresses the gateway may dial (comma-separated CIDRs; default: all but link-local, metadata and unspecified).
     #[arg(long, default_value = "")]

@@ -127,6 +127,7 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
                     .ok_or_else(|| ConfigError::Kubernetes("no configuration".into()))?,
                 namespace: namespace.clone(),
                 label_selector: config.label_selector.clone(),
+                initial_list: config.initial_list,
                 writer: writer_slot.clone(),
                 table: table.clone(),
                 policy: policy.clone(),

@@ -445,31 +445,46 @@ fn ready_only_after_the_initial_list_of_10000() {
         })
     });
     eprintln!("created 10000 BatchSandboxes in {:?}", created.elapsed());
-    let start = Instant::now();
-    let gw = gateway(&plane.kubeconfig, GatewayOptions::default());
-    let mut not_ready_seen = 0;
-    loop {
-        let r = support::client::blocking_get(gw.metrics, "/readyz");
-        if let Ok(r) = r {
-            if r.status == 200 {
-                break;
+    // Both ways of loading: a streaming list (the default, which this API server offers) and
+    // paged lists.
+    for mode in ["paged", "streaming"] {
+        let opts = GatewayOptions {
+            extra: vec![format!("--initial-list={mode}")],
+            ..Default::default()
+        };
+        let gw = gateway(&plane.kubeconfig, opts);
+        let start = Instant::now();
+        let mut not_ready_seen = 0;
+        loop {
+            let r = support::client::blocking_get(gw.metrics, "/readyz");
+            if let Ok(r) = r {
+                if r.status == 200 {
+                    break;
+                }
+                not_ready_seen += 1;
             }
-            not_ready_seen += 1;
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "never ready:\n{}",
+                gw.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
         }
+        let ready_after = start.elapsed();
+        assert_eq!(
+            gw.metric("sandbox_gateway_route_table_sandboxes"),
+            10_000.0,
+            "{mode}: ready before the whole list loaded"
+        );
         assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "never ready:\n{}",
+            !gw.log_text().contains("does not offer streaming lists"),
+            "{mode}: fell back:\n{}",
             gw.log_text()
         );
-        std::thread::sleep(Duration::from_millis(5));
+        eprintln!(
+            "{mode}: ready after {ready_after:?} ({not_ready_seen} not-ready answers before)"
+        );
+        let r = request(&gw, "sbx-04242-80.gw");
+        assert_eq!(r.status, 503, "ready 0: {}", r.body_text());
     }
-    let ready_after = start.elapsed();
-    assert_eq!(
-        gw.metric("sandbox_gateway_route_table_sandboxes"),
-        10_000.0,
-        "ready before the whole list loaded"
-    );
-    eprintln!("ready after {ready_after:?} ({not_ready_seen} not-ready answers before)");
-    let r = request(&gw, "sbx-04242-80.gw");
-    assert_eq!(r.status, 503, "ready 0: {}", r.body_text());
 }

@@ -22,7 +22,7 @@ function arrival(exec, rate, extra) {
     rate,
     timeUnit: '1s',
     duration: DURATION,
-    preAllocatedVUs: Math.max(10, Math.ceil(rate / 20)),
+    preAllocatedVUs: Math.max(10, Math.ceil(rate / 10)),
     maxVUs: Math.max(50, rate),
   }, extra || {});
 }

@@ -23,6 +23,7 @@ use sandbox_api::names;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
+use crate::config::InitialList;
 use crate::metrics::metrics;
 use crate::objects::{Metadata, Object, Sandbox, Status, Target};
 use crate::provider::resolve;
@@ -167,6 +168,19 @@ impl Watched {
 }
 
 /// Explains a watch failure, naming what an operator must fix.
+/// Whether the API server refused a streaming list (`sendInitialEvents`), as servers without
+/// the WatchList feature do.
+fn refuses_streaming(e: &watcher::Error) -> bool {
+    let status = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.as_ref(),
+        watcher::Error::WatchError(s) => s.as_ref(),
+        _ => return false,
+    };
+    status.message.contains("sendInitialEvents")
+}
+
 pub fn explain(kind: Kind, e: &watcher::Error) -> String {
     let r = kind.resource();
     let what = format!("{}.{}", r.plural, r.group);
@@ -198,6 +212,7 @@ pub struct KubeProvider {
     /// `None`: all namespaces.
     pub namespace: Option<String>,
     pub label_selector: Option<String>,
+    pub initial_list: InitialList,
     pub writer: Arc<Mutex<TableWriter>>,
     pub table: Arc<RouteTable>,
     pub policy: Arc<UpstreamPolicy>,
@@ -437,15 +452,22 @@ impl BackgroundService for KubeProvider {
             Some(ns) => Api::namespaced_with(client, ns, &resource),
             None => Api::all_with(client, &resource),
         };
-        let mut config = watcher::Config::default();
-        if let Some(selector) = &self.label_selector {
-            config = config.labels(selector);
-        }
-        let mut events = watcher(api, config)
-            .backoff(Reconnect {
-                next: RECONNECT_MIN,
-            })
-            .boxed();
+        let mut streaming = self.initial_list == InitialList::Streaming;
+        let events_for = |streaming: bool| {
+            let mut config = watcher::Config::default();
+            if let Some(selector) = &self.label_selector {
+                config = config.labels(selector);
+            }
+            if streaming {
+                config = config.streaming_lists();
+            }
+            watcher(api.clone(), config)
+                .backoff(Reconnect {
+                    next: RECONNECT_MIN,
+                })
+                .boxed()
+        };
+        let mut events = events_for(streaming);
         let (tx, mut lookups) = mpsc::unbounded_channel();
         let mut watch = Watch {
             provider: self,
@@ -464,6 +486,11 @@ impl BackgroundService for KubeProvider {
                 _ = shutdown.changed() => return,
                 event = events.next() => match event {
                     Some(Ok(e)) => watch.handle(e),
+                    Some(Err(e)) if streaming && refuses_streaming(&e) => {
+                        tracing::warn!(source = %watch.source, error = %e, "the API server does not offer streaming lists; loading with paged lists");
+                        streaming = false;
+                        events = events_for(false);
+                    }
                     Some(Err(e)) => watch.failed(&e),
                     None => return,
                 },
@@ -471,5 +498,37 @@ impl BackgroundService for KubeProvider {
                 _ = refresh.tick() => watch.refresh_names(),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn api_error(code: u16, message: &str) -> kube::Error {
+        let status: kube::core::Status =
+            serde_json::from_value(serde_json::json!({"code": code, "message": message})).unwrap();
+        kube::Error::Api(Box::new(status))
+    }
+
+    #[test]
+    fn only_a_refused_streaming_list_falls_back() {
+        // What an API server without the WatchList feature answers.
+        let refused =
+            "sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled";
+        assert!(refuses_streaming(&watcher::Error::WatchStartFailed(
+            api_error(422, refused)
+        )));
+        assert!(refuses_streaming(&watcher::Error::WatchFailed(api_error(
+            400, refused
+        ))));
+        // Anything else is an ordinary watch failure, retried as it is.
+        assert!(!refuses_streaming(&watcher::Error::WatchStartFailed(
+            api_error(403, "batchsandboxes is forbidden")
+        )));
+        assert!(!refuses_streaming(&watcher::Error::InitialListFailed(
+            api_error(404, "the server could not find the requested resource")
+        )));
     }
 }

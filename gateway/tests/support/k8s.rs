@@ -168,6 +168,11 @@ impl ControlPlane {
 
     /// Starts a second API server on the same etcd (its port), for changes made "while the
     /// first one was down".
+    /// The running API server's process id.
+    pub fn apiserver_pid(&self) -> Option<u32> {
+        self.apiserver.as_ref().map(Child::id)
+    }
+
     pub fn spawn_apiserver(&self, port: u16) -> Child {
         let d = self.dir.path();
         let key = d.join("sa.key").display().to_string();
