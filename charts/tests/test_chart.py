@@ -180,6 +180,7 @@ def test_front_door_values_become_flags(chart):
     args = gateway_container(render(chart, {}))["args"]
     assert "--signature-failures-per-sandbox-per-minute=600" in args
     assert "--auth-limiter-max-clients=100000" in args
+    assert "--initial-list=streaming" in args
     assert not [a for a in args if a.startswith(("--denied-ports", "--proxy-protocol", "--trusted-proxy-cidrs"))]
     args = gateway_container(render(chart, {"gateway": {
         "deniedPorts": ["18080", "9000-9100"],
@@ -202,6 +203,7 @@ def test_front_door_values_become_flags(chart):
     ({"gateway": {"secureAccess": {"keys": {"AB": "x"}}}}, "/gateway/secureAccess/keys"),
     ({"gateway": {"allowedUpstreamCidrs": ["10.0.0.0"]}}, "/gateway/allowedUpstreamCidrs/0"),
     ({"controller": {"egress": {"mode": "nft"}}}, "/controller/egress/mode"),
+    ({"gateway": {"initialList": "watch"}}, "/gateway/initialList"),
     ({"gateway": {"deniedPorts": ["0"]}}, "/gateway/deniedPorts/0"),
     ({"gateway": {"deniedPorts": ["80,81"]}}, "/gateway/deniedPorts/0"),
     ({"gateway": {"trustedProxyCidrs": ["lb"]}}, "/gateway/trustedProxyCidrs/0"),
