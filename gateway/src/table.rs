@@ -50,13 +50,15 @@ pub enum Entry {
     Ambiguous(Box<str>),
 }
 
+/// Shares its namespace, token and endpoints with the writer's copy of the object, so a sandbox's
+/// strings and addresses are held once.
 #[derive(Debug)]
 pub struct Routable {
-    pub namespace: Box<str>,
-    pub token: Option<Box<str>>,
+    pub namespace: Arc<str>,
+    pub token: Option<Arc<str>>,
     /// Ports requests may reach; `None`: every port.
     pub ports: Option<PortSet>,
-    endpoints: Box<[IpAddr]>,
+    endpoints: Arc<[IpAddr]>,
     next: AtomicUsize,
 }
 
@@ -74,24 +76,35 @@ impl Routable {
 
 pub type Map = imbl::HashMap<Arc<str>, Arc<Entry>>;
 
-/// The entry for one sandbox id given every object of that name.
-fn entry_for(records: &[(String, Record)]) -> Entry {
-    if let [(_, r)] = records {
+/// The writer's compact copy of one object: its source by index, its namespace interned, its
+/// strings and addresses shared with the table's entry.
+#[derive(Debug)]
+struct Stored {
+    source: u16,
+    namespace: Arc<str>,
+    token: Option<Arc<str>>,
+    upstream: Result<Arc<[IpAddr]>, Box<str>>,
+    ports: Option<PortSet>,
+}
+
+/// The entry for sandbox id `name` given every object of that name.
+fn entry_for(name: &str, records: &[Stored]) -> Entry {
+    if let [r] = records {
         return match &r.upstream {
             Ok(endpoints) if !endpoints.is_empty() => Entry::Routable(Routable {
-                namespace: r.namespace.as_str().into(),
-                token: r.token.as_deref().filter(|t| !t.is_empty()).map(Into::into),
+                namespace: r.namespace.clone(),
+                token: r.token.clone(),
                 ports: r.ports.clone(),
-                endpoints: endpoints.as_slice().into(),
+                endpoints: endpoints.clone(),
                 next: AtomicUsize::new(0),
             }),
             Ok(_) => Entry::Unavailable("sandbox has no endpoints".into()),
-            Err(reason) => Entry::Unavailable(reason.as_str().into()),
+            Err(reason) => Entry::Unavailable(reason.clone()),
         };
     }
     let mut found: Vec<String> = records
         .iter()
-        .map(|(_, r)| format!("{}/{}", r.namespace, r.name))
+        .map(|r| format!("{}/{name}", r.namespace))
         .collect();
     found.sort_unstable();
     Entry::Ambiguous(format!("[{}]", found.join(" ")).into())
@@ -152,32 +165,82 @@ impl RouteTable {
 }
 
 /// The single writer of a table. Each source (a file, or one watch) owns its records; the
-/// table is ready once every registered source has synced once.
+/// table is ready once every registered source has synced once. Names are held once (shared by
+/// the map, the per-name records and the per-source name sets) and namespaces are interned.
 pub struct TableWriter {
     table: Arc<RouteTable>,
     map: Map,
-    /// name → (source, record) for every object with that name.
-    by_name: HashMap<String, Vec<(String, Record)>>,
-    /// source → names it holds.
-    names_of: HashMap<String, HashSet<String>>,
+    /// Source names; a record names its source by index here.
+    sources: Vec<String>,
+    /// name → every object with that name.
+    by_name: HashMap<Arc<str>, Vec<Stored>>,
+    /// Per source (by index): the names it holds.
+    names_of: Vec<HashSet<Arc<str>>>,
+    namespaces: HashSet<Arc<str>>,
     unsynced: HashSet<String>,
 }
 
 impl TableWriter {
     pub fn new(table: Arc<RouteTable>, sources: impl IntoIterator<Item = String>) -> Self {
-        Self {
+        let unsynced: HashSet<String> = sources.into_iter().collect();
+        let mut writer = Self {
             table,
             map: Map::default(),
+            sources: Vec::new(),
             by_name: HashMap::new(),
-            names_of: HashMap::new(),
-            unsynced: sources.into_iter().collect(),
+            names_of: Vec::new(),
+            namespaces: HashSet::new(),
+            unsynced: HashSet::new(),
+        };
+        for source in &unsynced {
+            writer.source_id(source);
         }
+        writer.unsynced = unsynced;
+        writer
     }
 
-    fn refresh(&mut self, name: &str) {
+    fn source_id(&mut self, source: &str) -> u16 {
+        if let Some(i) = self.sources.iter().position(|s| s == source) {
+            return i as u16;
+        }
+        self.sources.push(source.to_owned());
+        self.names_of.push(HashSet::new());
+        (self.sources.len() - 1) as u16
+    }
+
+    fn intern(&mut self, namespace: &str) -> Arc<str> {
+        if let Some(ns) = self.namespaces.get(namespace) {
+            return ns.clone();
+        }
+        let ns: Arc<str> = namespace.into();
+        self.namespaces.insert(ns.clone());
+        ns
+    }
+
+    /// The map's copy of `name` when it has one, so the name is held once.
+    fn shared_name(&self, name: &str) -> Arc<str> {
+        self.by_name
+            .get_key_value(name)
+            .map_or_else(|| name.into(), |(k, _)| k.clone())
+    }
+
+    fn store(&mut self, source: u16, record: Record) -> (Arc<str>, Stored) {
+        let name = self.shared_name(&record.name);
+        let stored = Stored {
+            source,
+            namespace: self.intern(&record.namespace),
+            token: record.token.filter(|t| !t.is_empty()).map(Into::into),
+            upstream: record.upstream.map(Into::into).map_err(Into::into),
+            ports: record.ports,
+        };
+        (name, stored)
+    }
+
+    fn refresh(&mut self, name: &Arc<str>) {
         match self.by_name.get(name) {
             Some(records) if !records.is_empty() => {
-                self.map.insert(name.into(), Arc::new(entry_for(records)));
+                self.map
+                    .insert(name.clone(), Arc::new(entry_for(name, records)));
             }
             _ => {
                 self.by_name.remove(name);
@@ -186,60 +249,54 @@ impl TableWriter {
         }
     }
 
-    fn detach(&mut self, source: &str, namespace: &str, name: &str) {
+    fn detach(&mut self, source: u16, namespace: &str, name: &str) {
         if let Some(records) = self.by_name.get_mut(name) {
-            records.retain(|(s, r)| !(s == source && r.namespace == namespace));
-            if !records.iter().any(|(s, _)| s == source)
-                && let Some(names) = self.names_of.get_mut(source)
-            {
-                names.remove(name);
+            records.retain(|r| !(r.source == source && &*r.namespace == namespace));
+            if !records.iter().any(|r| r.source == source) {
+                self.names_of[usize::from(source)].remove(name);
             }
         }
     }
 
     /// Adds or replaces one object of a source.
     pub fn upsert(&mut self, source: &str, record: Record) {
-        let name = record.name.clone();
-        self.detach(source, &record.namespace, &name);
-        self.by_name
-            .entry(name.clone())
-            .or_default()
-            .push((source.to_owned(), record));
-        self.names_of
-            .entry(source.to_owned())
-            .or_default()
-            .insert(name.clone());
+        let id = self.source_id(source);
+        self.detach(id, &record.namespace, &record.name);
+        let (name, stored) = self.store(id, record);
+        self.by_name.entry(name.clone()).or_default().push(stored);
+        self.names_of[usize::from(id)].insert(name.clone());
         self.refresh(&name);
     }
 
     /// Removes one object of a source.
     pub fn remove(&mut self, source: &str, namespace: &str, name: &str) {
-        self.detach(source, namespace, name);
-        self.refresh(name);
+        let id = self.source_id(source);
+        self.detach(id, namespace, name);
+        let name = self.shared_name(name);
+        self.refresh(&name);
     }
 
     /// Replaces everything a source holds (a full list), dropping objects no longer present,
     /// and marks the source synced.
     pub fn replace_source(&mut self, source: &str, records: Vec<Record>) {
-        let old = self.names_of.remove(source).unwrap_or_default();
+        let id = self.source_id(source);
+        let old = std::mem::take(&mut self.names_of[usize::from(id)]);
         for name in &old {
             if let Some(list) = self.by_name.get_mut(name) {
-                list.retain(|(s, _)| s != source);
+                list.retain(|r| r.source != id);
             }
         }
         let mut touched = old;
         let mut names = HashSet::with_capacity(records.len());
         for record in records {
-            names.insert(record.name.clone());
-            touched.insert(record.name.clone());
-            self.by_name
-                .entry(record.name.clone())
-                .or_default()
-                .push((source.to_owned(), record));
+            let (name, stored) = self.store(id, record);
+            names.insert(name.clone());
+            self.by_name.entry(name.clone()).or_default().push(stored);
+            touched.insert(name);
         }
-        self.names_of.insert(source.to_owned(), names);
-        for name in touched {
-            self.refresh(&name);
+        self.names_of[usize::from(id)] = names;
+        for name in &touched {
+            self.refresh(name);
         }
         self.unsynced.remove(source);
     }

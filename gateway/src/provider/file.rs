@@ -94,9 +94,15 @@ impl BackgroundService for FileProvider {
             match watch.read_if_changed().await {
                 Ok(Some(text)) => match parse_off_thread(text).await {
                     Ok(sandboxes) => {
-                        current = sandboxes;
                         last_error = None;
-                        self.publish(&current).await;
+                        self.publish(&sandboxes).await;
+                        // Kept only when names must be resolved again; otherwise the table
+                        // holds all there is to know.
+                        current = if resolve::has_names(&sandboxes) {
+                            sandboxes
+                        } else {
+                            Vec::new()
+                        };
                         resolved_at = Instant::now();
                     }
                     Err(e) => self.failed(&mut last_error, format!("parse error: {e}")),
