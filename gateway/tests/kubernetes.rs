@@ -254,7 +254,9 @@ fn bad_endpoints_never_route() {
     );
     assert!(gw.metric("sandbox_gateway_upstream_refused_total") >= 2.0);
     // Nothing outside the policy was dialled: each refused sandbox's access-log line exists,
-    // says 503 and names no upstream (a dialled one names it).
+    // says 503 and names no upstream (a dialled one names it). The log is written off the
+    // request path: wait for the last request's line first.
+    gw.wait_log(r#""sandbox":"ipv6""#);
     let log = gw.log_text();
     let access = |name: &str| -> Vec<serde_json::Value> {
         log.lines()
@@ -335,10 +337,7 @@ fn missing_crd_and_missing_permissions_are_explained() {
         "{}",
         ready.body_text()
     );
-    assert!(
-        gw.log_text()
-            .contains("batchsandboxes.sandbox.opensandbox.io installed")
-    );
+    gw.wait_log("batchsandboxes.sandbox.opensandbox.io installed");
     // The watch keeps retrying: installing the CRDs later makes the gateway ready.
     plane.install_crds();
     gw.wait_ready();

@@ -79,8 +79,8 @@ fn sandbox_file_changes_apply_within_a_second() {
         );
         assert_eq!(status("second"), 200, "mistaken file {i} kept the table");
     }
-    assert!(gw.log_text().contains("the file holds no object"));
-    assert!(gw.log_text().contains("is not a Kubernetes object"));
+    gw.wait_log("the file holds no object");
+    gw.wait_log("is not a Kubernetes object");
     dir.write("s.yaml", &second);
 
     // A removed file keeps the table too, and a restored one is read again.
@@ -154,18 +154,13 @@ fn key_file_is_reloaded() {
         gw.metric("sandbox_gateway_key_reload_errors_total") >= 2.0
     });
     assert_eq!(signed(), 200, "an empty key file keeps the previous keys");
-    assert!(gw.log_text().contains("the file holds no key"));
+    gw.wait_log("the file holds no key");
     assert!(
         !gw.log_text().contains("cHFycw"),
         "secrets must not be logged"
     );
     // The file was left readable by others (0644): said at start.
-    assert!(
-        gw.log_text()
-            .contains("readable by group or others; make it 0600 or 0400"),
-        "{}",
-        gw.log_text()
-    );
+    gw.wait_log("readable by group or others; make it 0600 or 0400");
 }
 
 #[test]
@@ -215,7 +210,7 @@ fn a_private_key_file_gets_no_warning() {
         ..Default::default()
     };
     let gw = Gateway::start(&file, opts);
-    assert!(gw.log_text().contains("sandbox gateway starting"));
+    gw.wait_log("sandbox gateway starting");
     assert!(
         !gw.log_text().contains("readable by group or others"),
         "{}",
