@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # Gateway vs nginx proxy_pass vs the upstream directly, side by side in one run on loopback.
+# Reports req/s, requests per CPU-second of the proxy process (user + system time over the run,
+# all its threads; nginx: master and worker), p50/p99, errors and the proxy's RSS; writes a
+# markdown table and a JSON file to loadtest/results/.
 #
 # Pinning: the proxy under test (gateway with --threads 1, or nginx with one worker) runs alone
 # on CPU 0; wrk and the upstream (nginx, one worker) share CPU 1. Each target is measured
@@ -72,6 +75,7 @@ nginx_conf proxy "upstream sandbox { server 127.0.0.1:$UP; keepalive 256; }
 
 taskset -c $LOAD_CPU "$NGINX" -c "$work/upstream/nginx.conf" & pids+=($!)
 taskset -c $PROXY_CPU "$NGINX" -c "$work/proxy/nginx.conf" & pids+=($!)
+nginx_proxy_pid=$!
 
 cat > "$work/sandboxes.yaml" <<YAML
 apiVersion: sandbox.opensandbox.io/v1alpha1
@@ -86,7 +90,9 @@ status:
 YAML
 gw_args=(--provider-type file --sandbox-file "$work/sandboxes.yaml" --bind 127.0.0.1 --threads 1)
 taskset -c $PROXY_CPU "$GATEWAY" "${gw_args[@]}" --port "$GW" --metrics-port "$GWM" --access-log=false >/dev/null & pids+=($!)
+gateway_pid=$!
 taskset -c $PROXY_CPU "$GATEWAY" "${gw_args[@]}" --port "$GWL" --metrics-port "$GWLM" >/dev/null & pids+=($!)
+gateway_log_pid=$!
 
 for _ in $(seq 1 100); do
   curl -fs "http://127.0.0.1:$GWM/readyz" >/dev/null 2>&1 && curl -fs "http://127.0.0.1:$GWLM/readyz" >/dev/null 2>&1 \
@@ -100,7 +106,30 @@ to_ms() { # wrk latency like 1.23ms / 456.00us / 1.02s
   awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us$/, "", v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/, "", v); print v+0 } else { sub(/s$/, "", v); print v*1000 } }'
 }
 
-declare -A rps p99
+# The processes whose CPU a target's requests cost (the proxy; none for the upstream itself).
+proxy_pids() {
+  case $1 in
+    direct) ;;
+    nginx) echo "$nginx_proxy_pid $(pgrep -P "$nginx_proxy_pid" | tr '\n' ' ')" ;;
+    gateway) echo "$gateway_pid" ;;
+    gateway_log) echo "$gateway_log_pid" ;;
+  esac
+}
+cpu_ticks() { # user + system clock ticks of the given processes
+  local total=0 p
+  for p in "$@"; do
+    total=$(( total + $(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$p/stat") ))
+  done
+  echo "$total"
+}
+rss_kib() { # summed VmRSS of the given processes
+  local total=0 p
+  for p in "$@"; do total=$(( total + $(awk '/VmRSS/ { print $2 }' "/proc/$p/status") )); done
+  echo "$total"
+}
+ticks_per_s=$(getconf CLK_TCK)
+
+declare -A rps p99 p50 per_cpu errs rss
 targets=(direct nginx gateway gateway_log)
 url_of() {
   case $1 in
@@ -112,18 +141,29 @@ url_of() {
 }
 for round in $(seq 1 "$ROUNDS"); do
   for t in "${targets[@]}"; do
+    read -r -a watched <<<"$(proxy_pids "$t")"
+    before=$( [ ${#watched[@]} -gt 0 ] && cpu_ticks "${watched[@]}" || echo 0 )
     out=$(taskset -c $LOAD_CPU wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -H "$route" "$(url_of "$t")")
+    after=$( [ ${#watched[@]} -gt 0 ] && cpu_ticks "${watched[@]}" || echo 0 )
     r=$(awk '/Requests\/sec/ { print $2 }' <<<"$out")
+    total=$(awk '/requests in/ { print $1 }' <<<"$out")
     l=$(awk '$1 == "99%" { print $2 }' <<<"$out")
-    errors=$(awk '/Non-2xx|Socket errors/' <<<"$out")
-    [ -z "$errors" ] || echo "warning: $t round $round: $errors" >&2
+    m=$(awk '$1 == "50%" { print $2 }' <<<"$out")
+    e=$(awk '/Non-2xx/ { n += $NF } /Socket errors/ { for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+,?$/) n += $i } END { print n + 0 }' <<<"$out")
+    [ "$e" = 0 ] || echo "warning: $t round $round: $e errors" >&2
     rps[$t]+="$r "
     p99[$t]+="$(to_ms "$l") "
+    p50[$t]+="$(to_ms "$m") "
+    errs[$t]+="$e "
+    if [ ${#watched[@]} -gt 0 ] && [ "$after" -gt "$before" ]; then
+      per_cpu[$t]+="$(awk -v n="$total" -v t=$(( after - before )) -v hz="$ticks_per_s" 'BEGIN { printf "%.0f", n / (t / hz) }') "
+      rss[$t]=$(rss_kib "${watched[@]}")
+    fi
     echo "round $round $t: $r req/s, p99 $l" >&2
   done
 done
 
-median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+median() { tr ' ' '\n' <<<"$1" | awk 'NF' | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 direct_rps=$(median "${rps[direct]}")
 nginx_rps=$(median "${rps[nginx]}")
@@ -131,10 +171,12 @@ report=$(
   echo "date $(date -u +%F), commit $commit, $ROUNDS rounds x $DURATION, $CONNECTIONS connections, ${PAYLOAD}-byte body"
   echo "proxy on CPU $PROXY_CPU alone; wrk and upstream nginx on CPU $LOAD_CPU"
   echo
-  printf '| %-28s | %12s | %9s | %10s | %9s |\n' target "req/s" "p99 ms" "vs nginx" "vs direct"
-  printf '|%s|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..30})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..11})" "$(printf -- '-%.0s' {1..12})" "$(printf -- '-%.0s' {1..11})"
+  printf '| %-28s | %8s | %9s | %12s | %7s | %7s | %6s | %7s | %9s |\n' target "req/s" "vs direct" "req/CPU-s" "vs nginx" "p50 ms" "p99 ms" errors "RSS MiB"
+  echo "|---|---|---|---|---|---|---|---|---|"
+  nginx_cpu=$(median "${per_cpu[nginx]}")
   for t in "${targets[@]}"; do
-    r=$(median "${rps[$t]}"); l=$(median "${p99[$t]}")
+    r=$(median "${rps[$t]}"); l=$(median "${p99[$t]}"); m=$(median "${p50[$t]}")
+    c=$(median "${per_cpu[$t]:-}"); e=$(tr ' ' '\n' <<<"${errs[$t]}" | awk '{ n += $1 } END { print n + 0 }')
     name=$t
     case $t in
       direct) name="upstream directly" ;;
@@ -142,16 +184,31 @@ report=$(
       gateway) name="sandbox-gateway" ;;
       gateway_log) name="sandbox-gateway, access log" ;;
     esac
-    printf '| %-28s | %12.0f | %9.2f | %10s | %9s |\n' "$name" "$r" "$l" \
-      "$(awk -v a="$r" -v b="$nginx_rps" 'BEGIN { printf "%.2fx", a / b }')" \
-      "$(awk -v a="$r" -v b="$direct_rps" 'BEGIN { printf "%.2fx", a / b }')"
+    if [ -n "$c" ]; then
+      cpu_cell=$c; vs=$(awk -v a="$c" -v b="$nginx_cpu" 'BEGIN { printf "%.2fx", a / b }')
+      mem=$(awk -v k="${rss[$t]}" 'BEGIN { printf "%.1f", k / 1024 }')
+    else
+      cpu_cell=-; vs=-; mem=-
+    fi
+    printf '| %-28s | %8.0f | %9s | %12s | %7s | %7.2f | %6.2f | %7s | %9s |\n' "$name" "$r" \
+      "$(awk -v a="$r" -v b="$direct_rps" 'BEGIN { printf "%.2fx", a / b }')" "$cpu_cell" "$vs" "$m" "$l" "$e" "$mem"
   done
-  gw=$(median "${rps[gateway]}")
+  gw=$(median "${per_cpu[gateway]}")
   echo
-  awk -v a="$gw" -v b="$nginx_rps" 'BEGIN { r = a / b; printf "verdict: sandbox-gateway reaches %.0f%% of nginx proxy_pass throughput (%s)\n", r * 100, (r >= 1 ? "at or above nginx" : "below nginx") }'
+  awk -v a="$gw" -v b="$nginx_cpu" 'BEGIN { r = a / b; printf "verdict: sandbox-gateway serves %.2fx nginx proxy_pass per CPU-second (goal 0.80x: %s)\n", r, (r >= 0.8 ? "met" : "not met") }'
 )
 echo "$report"
+json=""
+for t in "${targets[@]}"; do
+  c=$(median "${per_cpu[$t]:-}")
+  json+=$(printf '%s{"target":"%s","rps":%s,"req_per_cpu_s":%s,"p50_ms":%s,"p99_ms":%s,"errors":%s,"rss_kib":%s}' \
+    "${json:+,}" "$t" "$(median "${rps[$t]}")" "${c:-null}" "$(median "${p50[$t]}")" \
+    "$(median "${p99[$t]}")" "$(tr ' ' '\n' <<<"${errs[$t]}" | awk '{ n += $1 } END { print n + 0 }')" "${rss[$t]:-null}")
+done
 if [ "${SAVE:-1}" = 1 ]; then
   mkdir -p loadtest/results
   echo "$report" > "loadtest/results/$(date -u +%F)-$commit-proxy.md"
+  printf '{"date":"%s","commit":"%s","rounds":%s,"duration":"%s","connections":%s,"payload":%s,"targets":[%s]}\n' \
+    "$(date -u +%F)" "$commit" "$ROUNDS" "$DURATION" "$CONNECTIONS" "$PAYLOAD" "$json" \
+    > "loadtest/results/$(date -u +%F)-$commit-proxy.json"
 fi
