@@ -17,6 +17,8 @@ pub enum PortsError {
     NotAPort(String),
     #[error("range {0:?} ends before it starts")]
     Backwards(String),
+    #[error("more than {MAX_ITEMS} items")]
+    TooMany,
 }
 
 /// Longest list accepted: annotations are user-written and the gateway holds one per sandbox.
@@ -35,7 +37,7 @@ impl PortSet {
                 return Err(PortsError::Empty(text.chars().take(64).collect()));
             }
             if ranges.len() == MAX_ITEMS {
-                return Err(PortsError::NotAPort(format!("more than {MAX_ITEMS} items")));
+                return Err(PortsError::TooMany);
             }
             let (lo, hi) = match item.split_once('-') {
                 Some((a, b)) => (port(a.trim(), item)?, port(b.trim(), item)?),

@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -23,7 +22,6 @@ fn annotated(doc: String, key: &str, value: &str) -> String {
 }
 
 struct Front {
-    ip: IpAddr,
     gw: Gateway,
     upstreams: Vec<Upstream>,
     _dir: TempDir,
@@ -49,7 +47,6 @@ fn front(docs: &[String], ports: &[u16], keys: Option<&'static str>, extra: &[&s
         },
     );
     Front {
-        ip,
         gw,
         upstreams,
         _dir: dir,
@@ -378,7 +375,6 @@ fn hop_by_hop_headers_are_not_forwarded() {
         assert_eq!(seen(&resp, gone), None, "{gone} was forwarded");
     }
     assert_eq!(seen(&resp, "x-kept").as_deref(), Some("yes"));
-    let _ = f.ip;
 }
 
 /// A v2 PROXY header for a TCP connection from `source` (IPv6) to `destination`.

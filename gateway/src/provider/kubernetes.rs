@@ -168,30 +168,27 @@ impl Watched {
 }
 
 /// Explains a watch failure, naming what an operator must fix.
-/// Whether the API server refused a streaming list (`sendInitialEvents`), as servers without
-/// the WatchList feature do.
-fn refuses_streaming(e: &watcher::Error) -> bool {
-    let status = match e {
-        watcher::Error::InitialListFailed(kube::Error::Api(s))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.as_ref(),
-        watcher::Error::WatchError(s) => s.as_ref(),
-        _ => return false,
-    };
-    status.message.contains("sendInitialEvents")
-}
-
-pub fn explain(kind: Kind, e: &watcher::Error) -> String {
-    let r = kind.resource();
-    let what = format!("{}.{}", r.plural, r.group);
-    let api_status = match e {
+/// The API server's answer inside a watch error, when the error is one.
+fn api_status(e: &watcher::Error) -> Option<&kube::core::Status> {
+    match e {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
         | watcher::Error::WatchStartFailed(kube::Error::Api(s))
         | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s.as_ref()),
         watcher::Error::WatchError(s) => Some(s.as_ref()),
         _ => None,
-    };
-    match api_status.map(|s| (s.code, s.message.as_str())) {
+    }
+}
+
+/// Whether the API server refused a streaming list (`sendInitialEvents`), as servers without
+/// the WatchList feature do.
+fn refuses_streaming(e: &watcher::Error) -> bool {
+    api_status(e).is_some_and(|s| s.message.contains("sendInitialEvents"))
+}
+
+pub fn explain(kind: Kind, e: &watcher::Error) -> String {
+    let r = kind.resource();
+    let what = format!("{}.{}", r.plural, r.group);
+    match api_status(e).map(|s| (s.code, s.message.as_str())) {
         Some((404, _)) => format!(
             "the API server does not serve {}/{} {} : is the CRD {what} installed?",
             r.group, r.version, r.plural

@@ -24,8 +24,6 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// Requests whose header reached this upstream.
     pub hits: Arc<AtomicUsize>,
-    /// Connections accepted.
-    pub connections: Arc<AtomicUsize>,
     /// Request bodies that ended in an error (the sender aborted them) on `/count`.
     pub body_errors: Arc<AtomicUsize>,
     stop: Option<oneshot::Sender<()>>,
@@ -38,10 +36,8 @@ impl Upstream {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let hits = Arc::new(AtomicUsize::new(0));
-        let connections = Arc::new(AtomicUsize::new(0));
         let body_errors = Arc::new(AtomicUsize::new(0));
-        let (hits_in, connections_in, errors_in) =
-            (hits.clone(), connections.clone(), body_errors.clone());
+        let (hits_in, errors_in) = (hits.clone(), body_errors.clone());
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -55,7 +51,6 @@ impl Upstream {
                         let Ok((stream, _)) = listener.accept().await else {
                             continue;
                         };
-                        connections_in.fetch_add(1, Ordering::SeqCst);
                         let hits = hits_in.clone();
                         let errors = errors_in.clone();
                         tokio::spawn(async move {
@@ -82,7 +77,6 @@ impl Upstream {
         Self {
             addr,
             hits,
-            connections,
             body_errors,
             stop: Some(stop_tx),
             thread: Some(thread),
