@@ -43,4 +43,4 @@ k6:
 
 # Many gateways on one API server: API server CPU per gateway sync, paged vs streaming lists.
 fanout:
-	loadtest/fanout.sh
+	loadtest/k8s.sh fanout
