@@ -229,6 +229,12 @@ fn get(host: &str, extra: &str) -> Vec<u8> {
     format!("GET /probe HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n").into_bytes()
 }
 
+/// How a connection ended, and whether within the timeout plus 1.5 s of `start`.
+fn ended(how: &str, start: Instant) -> String {
+    let on_time = start.elapsed() <= Duration::from_millis(HEADER_TIMEOUT * 1000 + 1500);
+    format!("{how} {}", if on_time { "in time" } else { "late" })
+}
+
 /// Slow clients: each sends a header start, then a byte (or a blank line) every 300 ms. Each is
 /// tallied by when and how the gateway ended it.
 async fn slowloris(to: SocketAddr, clients: usize, blank_lines: bool) -> Tally {
@@ -242,7 +248,10 @@ async fn slowloris(to: SocketAddr, clients: usize, blank_lines: bool) -> Tally {
                 let (first, drip): (&[u8], &[u8]) = if blank_lines {
                     (b"\r\n", b"\r\n")
                 } else {
-                    (b"GET /probe HTTP/1.1\r\nHost: open-7777.gw\r\nX-Slow: ", b"a")
+                    (
+                        b"GET /probe HTTP/1.1\r\nHost: open-7777.gw\r\nX-Slow: ",
+                        b"a",
+                    )
                 };
                 let _ = s.write_all(first).await;
                 let mut buf = [0u8; 512];
@@ -258,12 +267,11 @@ async fn slowloris(to: SocketAddr, clients: usize, blank_lines: bool) -> Tally {
                                 Ok(0) | Err(_) => "closed",
                                 Ok(_) => "answered",
                             };
-                            let on_time = start.elapsed() <= Duration::from_millis(HEADER_TIMEOUT * 1000 + 1500);
-                            return format!("{how} {}", if on_time { "in time" } else { "late" });
+                            return ended(how, start);
                         }
                         _ = tokio::time::sleep(Duration::from_millis(300)) => {
                             if s.write_all(drip).await.is_err() {
-                                return "closed in time".to_owned();
+                                return ended("closed", start);
                             }
                         }
                     }
@@ -301,11 +309,7 @@ async fn idle(to: SocketAddr, clients: usize, keepalive: bool) -> Tally {
                 let mut buf = [0u8; 64];
                 let limit = Duration::from_secs(HEADER_TIMEOUT + 8);
                 match tokio::time::timeout(limit, s.read(&mut buf)).await {
-                    Ok(Ok(0) | Err(_)) => {
-                        let on_time =
-                            start.elapsed() <= Duration::from_millis(HEADER_TIMEOUT * 1000 + 1500);
-                        format!("closed {}", if on_time { "in time" } else { "late" })
-                    }
+                    Ok(Ok(0) | Err(_)) => ended("closed", start),
                     Ok(Ok(_)) => "answered".to_owned(),
                     Err(_) => "still open".to_owned(),
                 }
