@@ -7,7 +7,33 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc returns freed pages to the system only when a later free comes due after its purge
+/// delay, so a process that goes quiet after a burst (loading a million-sandbox table) keeps
+/// the burst's garbage resident: about 350 MB of RSS at a million sandboxes, off and on. With no
+/// delay freed pages go back at once, at no measured cost to throughput (`make bench`). The
+/// allocator reads its options from the environment before `main`, so the gateway starts itself
+/// again with the option set, unless the operator set it.
+#[cfg(feature = "mimalloc")]
+fn allocator_options() {
+    use std::os::unix::process::CommandExt;
+    const PURGE_DELAY: &str = "MIMALLOC_PURGE_DELAY";
+    if std::env::var_os(PURGE_DELAY).is_some() {
+        return;
+    }
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_default();
+    let error = std::process::Command::new("/proc/self/exe")
+        .arg0(arg0)
+        .args(args)
+        .env(PURGE_DELAY, "0")
+        .exec();
+    // Only reached when the exec failed: run with the allocator's defaults.
+    eprintln!("sandbox-gateway: cannot set {PURGE_DELAY}: {error}");
+}
+
 fn main() {
+    #[cfg(feature = "mimalloc")]
+    allocator_options();
     let config = Config::parse_from(normalize_args(std::env::args()));
     let level = match config.tracing_level() {
         Ok(level) => level,

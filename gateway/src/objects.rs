@@ -8,8 +8,8 @@ use crate::ports::PortSet;
 use sandbox_api::{endpoints, names};
 use serde::Deserialize;
 
-/// The subset of a Kubernetes object the gateway reads. `items` holds the objects of a
-/// `kind: List`.
+/// The subset of a Kubernetes object the gateway reads. `items` holds the sandboxes of a
+/// `kind: List`, each read as it is parsed.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Object {
@@ -17,7 +17,55 @@ pub struct Object {
     pub kind: String,
     pub metadata: Metadata,
     pub status: Status,
-    pub items: Vec<Object>,
+    pub items: Items,
+}
+
+/// The sandboxes of a list, converted item by item while the list is parsed, so a list of a
+/// million objects never exists as objects at once. The first item that is not a Kubernetes
+/// object or a sandbox without a name is kept as the list's problem.
+#[derive(Debug, Default)]
+pub struct Items {
+    sandboxes: Vec<Sandbox>,
+    problem: Option<Problem>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Problem {
+    NotAnObject,
+    Unnamed,
+}
+
+impl<'de> Deserialize<'de> for Items {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Items;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of Kubernetes objects")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Items, A::Error> {
+                let mut items = Items::default();
+                while let Some(object) = seq.next_element::<Object>()? {
+                    if items.problem.is_none()
+                        && let Err(problem) = object.collect(&mut items.sandboxes)
+                    {
+                        items.problem = Some(problem);
+                    }
+                }
+                Ok(items)
+            }
+
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Items, E> {
+                Ok(Items::default())
+            }
+        }
+        deserializer.deserialize_seq(Visitor)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -179,11 +227,8 @@ impl Object {
 /// Why a sandbox file could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
-    #[error("document {index}: {source}")]
-    Yaml {
-        index: usize,
-        source: serde_yaml::Error,
-    },
+    #[error("{0}")]
+    Yaml(String),
     #[error("document {index}: sandbox without metadata.name")]
     Unnamed { index: usize },
     #[error("document {index} is not a Kubernetes object (no apiVersion or kind)")]
@@ -194,43 +239,116 @@ pub enum ParseError {
     Empty,
 }
 
+/// Parser limits sized to the file: a large table parses, while alias expansion (a few bytes
+/// that would expand to gigabytes) and deep nesting stay bounded.
+fn options(len: usize) -> serde_saphyr::Options {
+    let size = len.max(1 << 20);
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_reader_input_bytes = Some(size.saturating_add(1 << 20));
+    budget.max_events = size;
+    budget.max_nodes = size;
+    budget.max_documents = size / 16;
+    budget.max_total_scalar_bytes = size;
+    budget.max_depth = 64;
+    serde_saphyr::options! { budget: Some(budget) }
+}
+
 /// Reads every sandbox from multi-document YAML; `kind: List` documents are flattened and
 /// objects of other kinds are skipped. A file with no object at all, or a document that is not
 /// a Kubernetes object, is an error (a truncated or mistaken file must not empty the table); an
-/// empty table is written as an empty `kind: List`.
+/// empty table is written as an empty `kind: List`. The parser streams: list items become
+/// sandboxes as they are read, with no tree of the document in between.
 pub fn parse_documents(text: &str) -> Result<Vec<Sandbox>, ParseError> {
-    let mut out = Vec::new();
-    let mut objects = 0;
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        // Straight into the routing view: no intermediate value tree, whose size would dwarf
-        // the table for large files.
-        let object = Option::<Object>::deserialize(document)
-            .map_err(|source| ParseError::Yaml { index, source })?;
-        if let Some(object) = object {
-            objects += 1;
-            collect(&object, index, &mut out)?;
+    let documents = match json_documents(text) {
+        Some(documents) => documents,
+        None => serde_saphyr::from_multiple_with_options::<Object>(text, options(text.len()))
+            .map_err(|e| ParseError::Yaml(e.to_string()))?,
+    };
+    sandboxes(documents)
+}
+
+/// [`parse_documents`] reading from a file of `len` bytes as it parses, so the file's text is
+/// never held whole.
+pub fn parse_file(file: std::fs::File, len: u64) -> Result<Vec<Sandbox>, ParseError> {
+    use std::io::{BufRead, BufReader, Read, Seek};
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
+    let mut reader = BufReader::with_capacity(1 << 16, file);
+    let head = reader
+        .fill_buf()
+        .map_err(|e| ParseError::Yaml(format!("cannot read: {e}")))?;
+    if head.trim_ascii_start().starts_with(b"{") {
+        // serde_json reads a slice several times faster than a reader, so JSON is read whole.
+        let mut bytes = Vec::with_capacity(len.saturating_add(1));
+        reader
+            .read_to_end(&mut bytes)
+            .map_err(|e| ParseError::Yaml(format!("cannot read: {e}")))?;
+        let json: Result<Vec<Object>, _> = serde_json::Deserializer::from_slice(&bytes)
+            .into_iter::<Object>()
+            .collect();
+        drop(bytes);
+        if let Ok(documents) = json {
+            return sandboxes(documents);
         }
+        reader
+            .rewind()
+            .map_err(|e| ParseError::Yaml(format!("cannot read: {e}")))?;
     }
-    if objects == 0 {
+    let documents = serde_saphyr::read_with_options::<_, Object>(&mut reader, options(len))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ParseError::Yaml(e.to_string()))?;
+    sandboxes(documents)
+}
+
+fn sandboxes(documents: Vec<Object>) -> Result<Vec<Sandbox>, ParseError> {
+    if documents.is_empty() {
         return Err(ParseError::Empty);
+    }
+    let mut out = Vec::new();
+    for (index, object) in documents.into_iter().enumerate() {
+        object.collect(&mut out).map_err(|problem| match problem {
+            Problem::NotAnObject => ParseError::NotAnObject { index },
+            Problem::Unnamed => ParseError::Unnamed { index },
+        })?;
     }
     Ok(out)
 }
 
-fn collect(object: &Object, index: usize, out: &mut Vec<Sandbox>) -> Result<(), ParseError> {
-    if object.api_version.trim().is_empty() || object.kind.trim().is_empty() {
-        return Err(ParseError::NotAnObject { index });
+/// JSON (what `kubectl get -o json` writes) is YAML too, and a JSON parser reads it many times
+/// faster. A file that starts like JSON is tried as a stream of JSON objects first; anything
+/// that is not valid JSON goes to the YAML parser, whose error is the one reported.
+fn json_documents(text: &str) -> Option<Vec<Object>> {
+    if !text.trim_start().starts_with('{') {
+        return None;
     }
-    for item in &object.items {
-        collect(item, index, out)?;
-    }
-    if let Some(sandbox) = object.to_sandbox() {
-        if sandbox.name.is_empty() {
-            return Err(ParseError::Unnamed { index });
+    serde_json::Deserializer::from_str(text)
+        .into_iter::<Object>()
+        .collect::<Result<Vec<_>, _>>()
+        .ok()
+}
+
+impl Object {
+    /// Appends the sandbox this object is, or the sandboxes of its list.
+    fn collect(mut self, out: &mut Vec<Sandbox>) -> Result<(), Problem> {
+        if self.api_version.trim().is_empty() || self.kind.trim().is_empty() {
+            return Err(Problem::NotAnObject);
         }
-        out.push(sandbox);
+        let items = std::mem::take(&mut self.items);
+        if let Some(problem) = items.problem {
+            return Err(problem);
+        }
+        if out.is_empty() {
+            *out = items.sandboxes;
+        } else {
+            out.extend(items.sandboxes);
+        }
+        if let Some(sandbox) = self.to_sandbox() {
+            if sandbox.name.is_empty() {
+                return Err(Problem::Unnamed);
+            }
+            out.push(sandbox);
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -342,6 +460,87 @@ items:
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    fn file_of(text: &str) -> (std::fs::File, u64) {
+        use std::io::{Seek, Write};
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+        file.rewind().unwrap();
+        (file, text.len() as u64)
+    }
+
+    #[test]
+    fn files_stream_as_yaml_or_json() {
+        let (file, len) = file_of(FILE);
+        assert_eq!(
+            parse_file(file, len).unwrap(),
+            parse_documents(FILE).unwrap()
+        );
+        // `kubectl get -o json`, and concatenated JSON objects.
+        let json = r#"{"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "sandbox.opensandbox.io/v1alpha1", "kind": "BatchSandbox",
+             "metadata": {"name": "j", "namespace": "n", "annotations":
+                {"sandbox.opensandbox.io/endpoints": "[\"10.0.0.1\"]"}},
+             "status": {"ready": 1, "replicas": 1}}]}
+            {"apiVersion": "agents.x-k8s.io/v1alpha1", "kind": "Sandbox", "metadata": {"name": "k"},
+             "status": {"serviceFQDN": "10.0.0.2", "conditions": [{"type": "Ready", "status": "True"}]}}"#;
+        for got in [parse_documents(json).unwrap(), {
+            let (file, len) = file_of(json);
+            parse_file(file, len).unwrap()
+        }] {
+            let names: Vec<&str> = got.iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(names, ["j", "k"]);
+            assert_eq!(
+                got[0].target,
+                Target::Addresses(vec!["10.0.0.1".parse().unwrap()])
+            );
+        }
+        // A flow mapping is YAML but not JSON: read by the YAML parser.
+        let flow = "{apiVersion: sandbox.opensandbox.io/v1alpha1, kind: BatchSandbox, metadata: {name: f}, status: {ready: 0}}\n";
+        let (file, len) = file_of(flow);
+        assert_eq!(parse_file(file, len).unwrap()[0].name, "f");
+        // Broken JSON is reported by the YAML parser, and loses nothing.
+        let (file, len) = file_of("{\"apiVersion\": \"v1\", \"kind\": ");
+        assert!(matches!(parse_file(file, len), Err(ParseError::Yaml(_))));
+    }
+
+    #[test]
+    fn list_problems_are_typed_at_any_depth() {
+        let nested_unnamed = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: List\n  items:\n  - {apiVersion: sandbox.opensandbox.io/v1alpha1, kind: BatchSandbox, metadata: {}}\n";
+        assert!(matches!(
+            parse_documents(nested_unnamed),
+            Err(ParseError::Unnamed { index: 0 })
+        ));
+        let second = "apiVersion: v1\nkind: List\nitems: []\n---\napiVersion: v1\nkind: List\nitems:\n- {kind: BatchSandbox}\n";
+        assert!(matches!(
+            parse_documents(second),
+            Err(ParseError::NotAnObject { index: 1 })
+        ));
+    }
+
+    #[test]
+    fn alias_bombs_are_refused() {
+        // Nine levels of ten aliases each would expand to a billion strings.
+        let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let p = i - 1;
+            bomb.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
+        }
+        let doc = format!(
+            "apiVersion: v1\nkind: List\nmetadata:\n  annotations: {{}}\nbomb:\n{}",
+            bomb.lines().map(|l| format!("  {l}\n")).collect::<String>()
+        );
+        let started = std::time::Instant::now();
+        let (file, len) = file_of(&doc);
+        let error = parse_file(file, len).unwrap_err().to_string();
+        assert!(
+            error.contains("alias") || error.contains("budget"),
+            "{error}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
     proptest::proptest! {

@@ -32,7 +32,7 @@ use crate::limit::{Blocked, Budgets, FailureLimit};
 use crate::metrics::{self, metrics};
 use crate::ports::PortSet;
 use crate::route::{self, Route, RouteError};
-use crate::table::{Entry, RouteTable};
+use crate::table::{Entry, RouteTable, State};
 
 // Header names built once at compile time, so the request path never parses a name.
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -148,17 +148,17 @@ impl Gateway {
             refused("port_denied");
             return Err(GatewayError::PortDenied(route.port));
         }
-        let Some((id, entry)) = self.table.get_with_id(route.id) else {
-            ctx.log.sandbox = Some(route.id.into());
+        let Some(entry) = self.table.get(route.id) else {
+            ctx.log.sandbox = Some(LoggedId::Unknown(route.id.into()));
             return Err(GatewayError::NotFound(route.id.into()));
         };
-        ctx.log.sandbox = Some(id);
-        let routable = match entry.as_ref() {
-            Entry::Routable(r) => r,
-            Entry::Unavailable(reason) => {
+        ctx.log.sandbox = Some(LoggedId::Table(entry.clone()));
+        let routable = match &entry.state {
+            State::One(_) | State::Many(_) => entry.as_ref(),
+            State::Unavailable(reason) => {
                 return Err(GatewayError::Unavailable(reason.to_string()));
             }
-            Entry::Ambiguous(found) => {
+            State::Ambiguous(found) => {
                 return Err(GatewayError::Ambiguous {
                     id: route.id.into(),
                     found: found.to_string(),
@@ -299,10 +299,9 @@ impl Gateway {
     }
 
     fn endpoints_left(&self, ctx: &Ctx) -> bool {
-        match ctx.entry.as_deref() {
-            Some(Entry::Routable(r)) => ctx.tries < r.endpoints().len(),
-            _ => false,
-        }
+        ctx.entry
+            .as_deref()
+            .is_some_and(|e| ctx.tries < e.endpoints().len())
     }
 }
 
@@ -535,10 +534,25 @@ fn upstream_kind(e: &Error) -> &'static str {
     }
 }
 
+/// The sandbox id a request named: the table's own copy, or the request's when it is unknown.
+enum LoggedId {
+    Table(Arc<Entry>),
+    Unknown(Box<str>),
+}
+
+impl LoggedId {
+    fn as_str(&self) -> &str {
+        match self {
+            LoggedId::Table(entry) => entry.name(),
+            LoggedId::Unknown(id) => id,
+        }
+    }
+}
+
 /// What the access log says of the route, settled once in `admit`.
 #[derive(Default)]
 struct LogRoute {
-    sandbox: Option<Arc<str>>,
+    sandbox: Option<LoggedId>,
     port: u16,
     signed: bool,
     /// Where the logged path starts in the request path (URI mode leaves out the route and any
@@ -631,10 +645,10 @@ impl ProxyHttp for Gateway {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let Some(Entry::Routable(routable)) = ctx.entry.as_deref() else {
+        let Some(ip) = ctx.entry.as_deref().and_then(Entry::pick) else {
             return Error::e_explain(ErrorType::InternalError, "no route selected");
         };
-        let addr = SocketAddr::new(routable.pick(), ctx.port);
+        let addr = SocketAddr::new(ip, ctx.port);
         ctx.tries += 1;
         ctx.target = Some(addr);
         let mut peer = HttpPeer::new(addr, false, String::new());
@@ -764,7 +778,7 @@ fn access_log(session: &Session, ctx: &Ctx, status: u16, elapsed: Duration, e: O
         .unwrap_or("");
     tracing::info!(
         target: "access",
-        sandbox = ctx.log.sandbox.as_deref().unwrap_or(""),
+        sandbox = ctx.log.sandbox.as_ref().map_or("", LoggedId::as_str),
         port = ctx.log.port,
         signed = ctx.log.signed,
         method = req.method.as_str(),

@@ -28,8 +28,8 @@ impl FileWatch {
         }
     }
 
-    /// Reads the file if it changed since the last successful read (always on the first call).
-    pub async fn read_if_changed(&mut self) -> io::Result<Option<String>> {
+    /// The file's stamp when it changed since the last successful read (always on the first call).
+    async fn changed(&self) -> io::Result<Option<Stamp>> {
         let meta = tokio::fs::metadata(&self.path).await?;
         let stamp = Stamp {
             modified: meta.modified().ok(),
@@ -37,12 +37,28 @@ impl FileWatch {
             inode: meta.ino(),
             device: meta.dev(),
         };
-        if self.last == Some(stamp) {
+        Ok((self.last != Some(stamp)).then_some(stamp))
+    }
+
+    /// Reads the file if it changed since the last successful read (always on the first call).
+    pub async fn read_if_changed(&mut self) -> io::Result<Option<String>> {
+        let Some(stamp) = self.changed().await? else {
             return Ok(None);
-        }
+        };
         let text = tokio::fs::read_to_string(&self.path).await?;
         self.last = Some(stamp);
         Ok(Some(text))
+    }
+
+    /// Opens the file if it changed since the last successful open, for a reader that streams
+    /// it (a large file is never held whole); with its length.
+    pub async fn open_if_changed(&mut self) -> io::Result<Option<(std::fs::File, u64)>> {
+        let Some(stamp) = self.changed().await? else {
+            return Ok(None);
+        };
+        let file = tokio::fs::File::open(&self.path).await?.into_std().await;
+        self.last = Some(stamp);
+        Ok(Some((file, stamp.len)))
     }
 
     /// Forgets the last read so the next poll reads again.

@@ -2,6 +2,7 @@
 //! cannot be read or parsed keeps the last good table, is logged and counted.
 
 use std::path::PathBuf;
+use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use pingora::services::background::BackgroundService;
 use crate::metrics::metrics;
 use crate::objects::{self, Sandbox};
 use crate::provider::resolve;
-use crate::table::TableWriter;
+use crate::table::{Record, TableWriter};
 use crate::upstream::UpstreamPolicy;
 use crate::watch::FileWatch;
 
@@ -29,9 +30,18 @@ pub struct FileProvider {
 /// The file provider's source name in the table.
 pub const SOURCE: &str = "file";
 
+/// A parsed file: records ready for the table, or sandboxes with names to resolve first.
+enum Parsed {
+    Records(Vec<Record>),
+    Named(Vec<Sandbox>),
+}
+
 impl FileProvider {
     async fn publish(&self, sandboxes: &[Sandbox]) {
-        let records = resolve::records(sandboxes, &self.policy).await;
+        self.publish_records(&resolve::records(sandboxes, &self.policy).await);
+    }
+
+    fn publish_records(&self, records: &[Record]) {
         let size = records.len();
         if let Ok(mut writer) = self.writer.lock() {
             writer.replace_source(SOURCE, records);
@@ -56,26 +66,47 @@ impl FileProvider {
     }
 }
 
-/// Parses on a short-lived thread of its own: the parser's transient memory (many times the
-/// file size for large files) then goes back to the system with the thread instead of staying
-/// cached in a worker thread's allocator heap.
-async fn parse_off_thread(text: String) -> Result<Vec<Sandbox>, String> {
+/// Parses on a short-lived thread of its own, off the runtime's threads (a million-sandbox file
+/// takes seconds), and turns the sandboxes into table records there too: everything transient
+/// is allocated and freed by that thread, apart from the table's long-lived entries.
+///
+/// Records handed back through the returned sender are freed by the parser thread before it
+/// ends: memory freed by the thread that allocated it goes back to the system with the thread,
+/// while memory freed elsewhere can stay cached by the allocator (about 200 bytes per sandbox
+/// at a million).
+async fn parse_off_thread(
+    file: std::fs::File,
+    len: u64,
+    policy: Arc<UpstreamPolicy>,
+) -> (
+    Result<Parsed, String>,
+    Option<std_mpsc::Sender<Vec<Record>>>,
+) {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let spawned = std::thread::Builder::new()
         .name("sandbox-file-parse".into())
         .spawn(move || {
-            let result = objects::parse_documents(&text).map_err(|e| e.to_string());
-            drop(text);
-            let _ = tx.send(result);
+            let parsed = objects::parse_file(file, len)
+                .map_err(|e| e.to_string())
+                .map(|sandboxes| {
+                    if resolve::has_names(&sandboxes) {
+                        Parsed::Named(sandboxes)
+                    } else {
+                        Parsed::Records(resolve::records_without_names(sandboxes, &policy))
+                    }
+                });
+            let (back, returned) = std_mpsc::channel::<Vec<Record>>();
+            if tx.send((parsed, back)).is_ok() {
+                drop(returned.recv());
+            }
         });
     if let Err(e) = spawned {
-        return Err(format!("cannot start parser thread: {e}"));
+        return (Err(format!("cannot start parser thread: {e}")), None);
     }
-    let parsed = rx
-        .await
-        .unwrap_or_else(|_| Err("parser thread failed".into()))?;
-    // Copy into this thread's heap so none of the parser's pages stay pinned by live data.
-    Ok(parsed.to_vec())
+    match rx.await {
+        Ok((parsed, back)) => (parsed, Some(back)),
+        Err(_) => (Err("parser thread failed".into()), None),
+    }
 }
 
 #[async_trait]
@@ -91,22 +122,31 @@ impl BackgroundService for FileProvider {
                 _ = shutdown.changed() => return,
                 _ = ticker.tick() => {}
             }
-            match watch.read_if_changed().await {
-                Ok(Some(text)) => match parse_off_thread(text).await {
-                    Ok(sandboxes) => {
-                        last_error = None;
-                        self.publish(&sandboxes).await;
-                        // Kept only when names must be resolved again; otherwise the table
-                        // holds all there is to know.
-                        current = if resolve::has_names(&sandboxes) {
-                            sandboxes
-                        } else {
-                            Vec::new()
-                        };
-                        resolved_at = Instant::now();
+            match watch.open_if_changed().await {
+                Ok(Some((file, len))) => {
+                    match parse_off_thread(file, len, self.policy.clone()).await {
+                        (Ok(parsed), back) => {
+                            last_error = None;
+                            // Sandboxes are kept only when names must be resolved again; otherwise
+                            // the table holds all there is to know.
+                            current = match parsed {
+                                Parsed::Records(records) => {
+                                    self.publish_records(&records);
+                                    if let Some(back) = back {
+                                        let _ = back.send(records);
+                                    }
+                                    Vec::new()
+                                }
+                                Parsed::Named(sandboxes) => {
+                                    self.publish(&sandboxes).await;
+                                    sandboxes
+                                }
+                            };
+                            resolved_at = Instant::now();
+                        }
+                        (Err(e), _) => self.failed(&mut last_error, format!("parse error: {e}")),
                     }
-                    Err(e) => self.failed(&mut last_error, format!("parse error: {e}")),
-                },
+                }
                 Ok(None) => {
                     if resolve::has_names(&current) && resolved_at.elapsed() >= NAME_REFRESH {
                         self.publish(&current).await;

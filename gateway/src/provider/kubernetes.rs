@@ -147,7 +147,7 @@ impl Watched {
                 annotations: self.metadata.annotations.clone().unwrap_or_default(),
             },
             status: self.status.clone(),
-            items: Vec::new(),
+            items: Default::default(),
         };
         object.to_sandbox()
     }
@@ -334,7 +334,7 @@ impl Watch<'_> {
                 let records: Vec<Record> = listed.iter().map(|s| self.record(s)).collect();
                 let n = records.len();
                 let source = self.source.clone();
-                self.with_writer(|w| w.replace_source(&source, records));
+                self.with_writer(|w| w.replace_source(&source, &records));
                 metrics()
                     .last_sync
                     .set(k8s_openapi::jiff::Timestamp::now().as_second());

@@ -68,19 +68,43 @@ pub async fn records(sandboxes: &[Sandbox], policy: &UpstreamPolicy) -> Vec<Reco
     let resolved = resolve_names(sandboxes).await;
     sandboxes
         .iter()
+        .map(|s| Record::of(s, upstream(&s.target, &resolved, policy)))
+        .collect()
+}
+
+/// Builds table records of sandboxes that name no upstream host (none to resolve), moving
+/// their strings instead of copying them.
+pub fn records_without_names(sandboxes: Vec<Sandbox>, policy: &UpstreamPolicy) -> Vec<Record> {
+    let none = Resolved::new();
+    sandboxes
+        .into_iter()
         .map(|s| {
-            let upstream = match &s.target {
-                Target::Addresses(a) => usable(a, policy),
-                Target::Unavailable(reason) => Err(reason.clone()),
-                Target::Name(n) => resolved
-                    .get(n)
-                    .cloned()
-                    .unwrap_or_else(|| Err(format!("cannot resolve {n}")))
-                    .and_then(|a| usable(&a, policy)),
-            };
-            Record::of(s, upstream)
+            let upstream = upstream(&s.target, &none, policy);
+            Record {
+                namespace: s.namespace,
+                name: s.name,
+                token: s.token,
+                upstream,
+                ports: s.ports,
+            }
         })
         .collect()
+}
+
+fn upstream(
+    target: &Target,
+    resolved: &Resolved,
+    policy: &UpstreamPolicy,
+) -> Result<Vec<IpAddr>, String> {
+    match target {
+        Target::Addresses(a) => usable(a, policy),
+        Target::Unavailable(reason) => Err(reason.clone()),
+        Target::Name(n) => resolved
+            .get(n)
+            .cloned()
+            .unwrap_or_else(|| Err(format!("cannot resolve {n}")))
+            .and_then(|a| usable(&a, policy)),
+    }
 }
 
 /// Keeps the addresses the upstream policy permits; refused ones are counted and logged.
