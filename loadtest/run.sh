@@ -35,37 +35,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-  local p
-  while :; do
-    p=$(( (RANDOM % 20000) + 30000 ))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
-  done
-}
+. loadtest/lib.sh
 
 UP=$(free_port); NGX=$(free_port); GW=$(free_port); GWM=$(free_port); GWL=$(free_port); GWLM=$(free_port)
 body=$(head -c "$PAYLOAD" /dev/zero | tr '\0' 'x')
-
-nginx_conf() { # name, body of the http block
-  mkdir -p "$work/$1"
-  cat > "$work/$1/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $work/$1/nginx.pid;
-error_log $work/$1/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $work/$1;
-  proxy_temp_path $work/$1;
-  fastcgi_temp_path $work/$1;
-  uwsgi_temp_path $work/$1;
-  scgi_temp_path $work/$1;
-  keepalive_requests 1000000;
-  $2
-}
-CONF
-}
 
 nginx_conf upstream "server { listen 127.0.0.1:$UP; location / { default_type text/plain; return 200 '$body'; } }"
 nginx_conf proxy "upstream sandbox { server 127.0.0.1:$UP; keepalive 256; }
@@ -102,10 +75,6 @@ done
 route="OpenSandbox-Ingress-To: bench-$UP"
 curl -fs -H "$route" "http://127.0.0.1:$GW/" | grep -q x || { echo "gateway does not answer" >&2; exit 1; }
 
-to_ms() { # wrk latency like 1.23ms / 456.00us / 1.02s
-  awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us$/, "", v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/, "", v); print v+0 } else { sub(/s$/, "", v); print v*1000 } }'
-}
-
 # The processes whose CPU a target's requests cost (the proxy; none for the upstream itself).
 proxy_pids() {
   case $1 in
@@ -115,20 +84,6 @@ proxy_pids() {
     gateway_log) echo "$gateway_log_pid" ;;
   esac
 }
-cpu_ticks() { # user + system clock ticks of the given processes
-  local total=0 p
-  for p in "$@"; do
-    total=$(( total + $(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$p/stat") ))
-  done
-  echo "$total"
-}
-rss_kib() { # summed VmRSS of the given processes
-  local total=0 p
-  for p in "$@"; do total=$(( total + $(awk '/VmRSS/ { print $2 }' "/proc/$p/status") )); done
-  echo "$total"
-}
-ticks_per_s=$(getconf CLK_TCK)
-
 declare -A rps p99 p50 per_cpu errs rss
 targets=(direct nginx gateway gateway_log)
 url_of() {
@@ -141,29 +96,22 @@ url_of() {
 }
 for round in $(seq 1 "$ROUNDS"); do
   for t in "${targets[@]}"; do
-    read -r -a watched <<<"$(proxy_pids "$t")"
-    before=$( [ ${#watched[@]} -gt 0 ] && cpu_ticks "${watched[@]}" || echo 0 )
-    out=$(taskset -c $LOAD_CPU wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -H "$route" "$(url_of "$t")")
-    after=$( [ ${#watched[@]} -gt 0 ] && cpu_ticks "${watched[@]}" || echo 0 )
-    r=$(awk '/Requests\/sec/ { print $2 }' <<<"$out")
-    total=$(awk '/requests in/ { print $1 }' <<<"$out")
-    l=$(awk '$1 == "99%" { print $2 }' <<<"$out")
-    m=$(awk '$1 == "50%" { print $2 }' <<<"$out")
-    e=$(awk '/Non-2xx/ { n += $NF } /Socket errors/ { for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+,?$/) n += $i } END { print n + 0 }' <<<"$out")
+    watched=$(proxy_pids "$t")
+    read -r r _ m l e c <<<"$(wrk_round "$(url_of "$t")" "$watched" -H "$route")"
     [ "$e" = 0 ] || echo "warning: $t round $round: $e errors" >&2
     rps[$t]+="$r "
-    p99[$t]+="$(to_ms "$l") "
-    p50[$t]+="$(to_ms "$m") "
+    p99[$t]+="$l "
+    p50[$t]+="$m "
     errs[$t]+="$e "
-    if [ ${#watched[@]} -gt 0 ] && [ "$after" -gt "$before" ]; then
-      per_cpu[$t]+="$(awk -v n="$total" -v t=$(( after - before )) -v hz="$ticks_per_s" 'BEGIN { printf "%.0f", n / (t / hz) }') "
-      rss[$t]=$(rss_kib "${watched[@]}")
+    if [ "$c" != - ]; then
+      per_cpu[$t]+="$c "
+      read -r -a watched_pids <<<"$watched"
+      rss[$t]=$(rss_kib "${watched_pids[@]}")
     fi
-    echo "round $round $t: $r req/s, p99 $l" >&2
+    echo "round $round $t: $r req/s, p99 $l ms" >&2
   done
 done
 
-median() { tr ' ' '\n' <<<"$1" | awk 'NF' | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 direct_rps=$(median "${rps[direct]}")
 nginx_rps=$(median "${rps[nginx]}")
