@@ -1,4 +1,4 @@
-.PHONY: demo test images bench scale k8s-bench dns-bench controller-bench hostile k6 fanout
+.PHONY: demo test images bench scale k8s-bench dns-bench controller-bench hostile k6 soak fanout
 
 # Quick start: gateway + demo upstream on the bundled example sandboxes.
 demo:
@@ -40,6 +40,11 @@ hostile:
 # The k6 scenarios in their full form (the test command runs the short one); prints a table.
 k6:
 	loadtest/k6.sh full
+
+# Ten minutes of mixed k6 traffic (1,000/s over 10,000 sandboxes): no failed request, gateway RSS
+# growth under 5% (K6_RATE, K6_DURATION override).
+soak:
+	loadtest/k6.sh soak
 
 # Many gateways on one API server: API server CPU per gateway sync, paged vs streaming lists.
 fanout:

@@ -7,7 +7,7 @@
 # Pinning: the proxy under test (gateway with --threads 1, or nginx with one worker) runs alone
 # on CPU 0; wrk and the upstream (nginx, one worker) share CPU 1. Each target is measured
 # ROUNDS times, interleaved, and the medians are reported. Prints a table and a verdict line
-# and writes both to loadtest/results/.
+# and writes both to loadtest/results/, with the JSON result and a PNG chart of it.
 #
 # Env: ROUNDS (3), DURATION (10s), CONNECTIONS (50), PAYLOAD (bytes in the upstream body, 128),
 # SAVE (1: write the report to loadtest/results/; the test command's short run sets 0).
@@ -21,7 +21,7 @@ PAYLOAD=${PAYLOAD:-128}
 PROXY_CPU=0
 LOAD_CPU=1
 
-scripts/setup.sh wrk nginx
+scripts/setup.sh wrk nginx fonts-dejavu-core
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 cargo build --release -p gateway --bin sandbox-gateway >/dev/null
 GATEWAY=target/release/sandbox-gateway
@@ -159,4 +159,8 @@ if [ "${SAVE:-1}" = 1 ]; then
   printf '{"date":"%s","commit":"%s","rounds":%s,"duration":"%s","connections":%s,"payload":%s,"targets":[%s]}\n' \
     "$(date -u +%F)" "$commit" "$ROUNDS" "$DURATION" "$CONNECTIONS" "$PAYLOAD" "$json" \
     > "loadtest/results/$(date -u +%F)-$commit-proxy.json"
+  cargo build --release -p bench-chart >/dev/null
+  target/release/bench-chart "loadtest/results/$(date -u +%F)-$commit-proxy.json" \
+    "loadtest/results/$(date -u +%F)-$commit-proxy.png"
+  echo "chart: loadtest/results/$(date -u +%F)-$commit-proxy.png"
 fi

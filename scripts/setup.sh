@@ -18,6 +18,7 @@ have setpriv || need+=(util-linux)
 for pkg in "$@"; do
   case "$pkg" in
     nginx) command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light) ;;
+    fonts-dejavu-core) [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core) ;;
     *) command -v "$pkg" >/dev/null 2>&1 || need+=("$pkg") ;;
   esac
 done

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/setup.sh
+scripts/setup.sh fonts-dejavu-core
 # The real kube-apiserver and etcd for the Kubernetes tests (built once, then cached).
 K8S_TESTENV_DIR=$(scripts/k8s-testenv/build.sh | tail -n 1)
 export K8S_TESTENV_DIR
@@ -28,4 +28,5 @@ scripts/images.sh
 scripts/image-smoke.sh
 # Load tests in their short form, each printing its verdict (the long forms: make k6, make bench).
 loadtest/k6.sh short
+K6_DURATION=20s loadtest/k6.sh soak
 ROUNDS=1 DURATION=3s SAVE=0 loadtest/run.sh

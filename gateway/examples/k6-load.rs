@@ -3,8 +3,11 @@
 //! sandbox file, writes the hosts, tokens and signed routes each scenario uses, runs every
 //! scenario of `loadtest/k6/gateway.js` with k6 and prints one table and a verdict.
 //!
-//! `k6-load short|full [scenario...]`. Env: `K6_BIN` (the k6 binary), `SANDBOX_GATEWAY_BIN`,
-//! `K6_RATE` and `K6_DURATION` (override the form's rate and duration).
+//! `k6-load short|full [scenario...]`, or `k6-load soak`: the mixed scenario for a long run
+//! (10,000 sandboxes, 1,000/s, 10 minutes) while the gateway's RSS is sampled; its growth from
+//! the end of the first sixth of the run to the end must stay under 5%. Env: `K6_BIN` (the k6
+//! binary), `SANDBOX_GATEWAY_BIN`, `K6_RATE` and `K6_DURATION` (override the form's rate and
+//! duration).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/support/mod.rs"]
@@ -44,6 +47,7 @@ struct Form {
 fn form(name: &str) -> Form {
     let (sandboxes, rate, duration) = match name {
         "full" => (10_000, 1_000, "30s"),
+        "soak" => (10_000, 1_000, "10m"),
         _ => (1_000, 200, "5s"),
     };
     Form {
@@ -132,6 +136,61 @@ fn data(form: &Form, port: u16, secure: usize) -> Value {
     })
 }
 
+/// Samples a process's RSS every second: the sample at the end of the first sixth of the run
+/// (pools and caches warmed up) and the last one.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl RssSampler {
+    fn start(pid: u32, duration: &str) -> Self {
+        let total = parse_duration(duration);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let (mut warm, mut last) = (None, 0);
+            while !flag.load(Ordering::Relaxed) {
+                last = rss_kib(pid);
+                if warm.is_none() && started.elapsed() >= total / 6 {
+                    warm = Some(last);
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            (warm.unwrap_or(last), last)
+        });
+        Self { stop, thread }
+    }
+
+    fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// k6 durations as this runner writes them: `30s`, `10m`, `1h`.
+fn parse_duration(text: &str) -> Duration {
+    let (number, unit) = text.split_at(text.trim_end_matches(char::is_alphabetic).len());
+    let n: u64 = number.parse().unwrap_or(0);
+    Duration::from_secs(match unit {
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => n,
+    })
+}
+
 struct Outcome {
     scenario: String,
     passed: bool,
@@ -154,6 +213,10 @@ fn run_k6(
 ) -> Outcome {
     let export = dir.join(format!("{scenario}.json"));
     let out = Command::new(k6)
+        // k6 reads `K6_*` variables as its own options (`K6_DURATION` would replace the
+        // scenarios); this runner's overrides reach the script through `-e` only.
+        .env_remove("K6_DURATION")
+        .env_remove("K6_RATE")
         .args(["run", "--quiet", "--no-color", "--summary-export"])
         .arg(&export)
         .args(["-e", &format!("SCENARIO={scenario}")])
@@ -214,11 +277,18 @@ fn main() {
         form.duration
     );
 
+    let soak = form_name == "soak";
+    let scenarios: Vec<&str> = if soak {
+        vec!["soak"]
+    } else {
+        SCENARIOS
+            .into_iter()
+            .filter(|s| wanted.is_empty() || wanted.iter().any(|w| w == s))
+            .collect()
+    };
+    let sampler = soak.then(|| RssSampler::start(gw.child.id(), &form.duration));
     let mut outcomes = Vec::new();
-    for scenario in SCENARIOS
-        .iter()
-        .filter(|s| wanted.is_empty() || wanted.iter().any(|w| w == *s))
-    {
+    for scenario in &scenarios {
         let stop = Arc::new(AtomicBool::new(false));
         // Churn: the sandbox file flips 50 sandboxes in and 50 out every 250 ms while the load
         // asks only for sandboxes that stay.
@@ -270,19 +340,41 @@ fn main() {
             if o.passed { "PASS" } else { "FAIL" }
         );
     }
+    let mut memory_ok = true;
+    if let Some(sampler) = sampler {
+        let (warm, end) = sampler.finish();
+        let growth = (end as f64 / warm.max(1) as f64 - 1.0) * 100.0;
+        // Growth over a few seconds says little (pools still filling): judged from 5 minutes.
+        let judged = parse_duration(&form.duration) >= Duration::from_secs(300);
+        memory_ok = !judged || growth < 5.0;
+        println!(
+            "\nsoak memory: gateway RSS {:.1} MiB after the first sixth of the run, {:.1} MiB at the end ({growth:+.1}%; limit +5%): {}",
+            warm as f64 / 1024.0,
+            end as f64 / 1024.0,
+            match (judged, memory_ok) {
+                (false, _) => "not judged, run shorter than 5 minutes",
+                (true, true) => "PASS",
+                (true, false) => "FAIL",
+            }
+        );
+    }
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| !o.passed).collect();
     for o in &failed {
         eprintln!("\n--- k6 output of {} ---\n{}", o.scenario, o.log);
     }
     println!(
         "\nk6 verdict: {} ({} of {} scenarios passed their thresholds)",
-        if failed.is_empty() { "PASS" } else { "FAIL" },
+        if failed.is_empty() && memory_ok {
+            "PASS"
+        } else {
+            "FAIL"
+        },
         outcomes.len() - failed.len(),
         outcomes.len()
     );
     drop(gw);
     drop(upstream);
-    if !failed.is_empty() {
+    if !failed.is_empty() || !memory_ok {
         std::process::exit(1);
     }
 }

@@ -48,6 +48,8 @@ const scenarios = {
     thresholds: strict,
   },
   churn: { scenarios: { churn: arrival('host', RATE) }, thresholds: Object.assign({ 'http_req_duration': ['p(99)<250'] }, strict) },
+  // The long run (`make soak`): every kind of plain request, mixed.
+  soak: { scenarios: { soak: arrival('mixed', RATE) }, thresholds: Object.assign({ 'http_req_duration': ['p(99)<250'] }, strict) },
   flood: {
     scenarios: {
       attack: arrival('forged', RATE),
@@ -95,6 +97,14 @@ export function signed() {
 export function secure() {
   const s = pick(data.secure);
   ok(http.get(`${BASE}/probe`, { headers: { Host: `${s.route}.sandbox.test`, 'OpenSandbox-Secure-Access': s.token } }));
+}
+
+export function mixed() {
+  const r = Math.random();
+  if (r < 0.4) host();
+  else if (r < 0.7) header();
+  else if (r < 0.85) signed();
+  else secure();
 }
 
 // Bad signatures: refused (401), then held off (429); never proxied, never a 5xx.
