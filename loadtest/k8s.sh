@@ -3,8 +3,8 @@
 # k8s-bench): route propagation latency (p50/p99 over UPDATES endpoint changes) and RSS / time to
 # ready with SANDBOXES objects. `loadtest/k8s.sh fanout` (make fanout): GATEWAYS gateways start
 # at once against FANOUT_SANDBOXES objects, with paged and with streaming initial lists; the API
-# server's CPU per gateway sync. Prints tables and verdict lines and writes them to
-# loadtest/results/.
+# server's CPU per gateway sync, then per object update with none and with GATEWAYS gateways
+# watching. Prints tables and verdict lines and writes them to loadtest/results/.
 # Env: UPDATES (500), SANDBOXES (100000), FANOUT_SANDBOXES (20000), GATEWAYS (9).
 set -euo pipefail
 cd "$(dirname "$0")/.."
