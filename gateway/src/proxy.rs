@@ -149,12 +149,28 @@ impl Gateway {
             return Err(GatewayError::PortDenied(route.port));
         }
         let Some(entry) = self.table.get(route.id) else {
-            ctx.log.sandbox = Some(LoggedId::Unknown(route.id.into()));
+            ctx.log.unknown = Some(route.id.into());
             return Err(GatewayError::NotFound(route.id.into()));
         };
-        ctx.log.sandbox = Some(LoggedId::Table(entry.clone()));
-        let routable = match &entry.state {
-            State::One(_) | State::Many(_) => entry.as_ref(),
+        let checked = self.check_entry(req, &route, &entry, ctx.client);
+        // Kept even when refused: the access log names the sandbox from it.
+        ctx.entry = Some(entry);
+        ctx.rewrite = checked?;
+        ctx.port = route.port;
+        Ok(None)
+    }
+
+    /// Whether a request may go to a sandbox in the table: routable, credentials, exposed port.
+    /// Returns the path to send in URI mode.
+    fn check_entry(
+        &self,
+        req: &RequestHeader,
+        route: &Route<'_>,
+        entry: &Entry,
+        client: Option<IpAddr>,
+    ) -> Result<Option<http::Uri>, GatewayError> {
+        match &entry.state {
+            State::One(_) | State::Many(_) => {}
             State::Unavailable(reason) => {
                 return Err(GatewayError::Unavailable(reason.to_string()));
             }
@@ -164,30 +180,28 @@ impl Gateway {
                     found: found.to_string(),
                 });
             }
-        };
-        if let Some(token) = routable.token.as_deref() {
-            self.check_credentials(req, token, &route, ctx.client)?;
+        }
+        if let Some(token) = entry.token.as_deref() {
+            self.check_credentials(req, token, route, client)?;
         }
         // After the credentials, so an unauthenticated client learns nothing of the doors.
-        if let Some(ports) = &routable.ports
+        if let Some(ports) = &entry.ports
             && !ports.contains(route.port)
         {
             refused("port_not_exposed");
             return Err(GatewayError::PortNotExposed(route.port));
         }
-        if self.mode == Mode::Uri {
-            // Signed segments are the gateway's own only for secure sandboxes; otherwise they are
-            // part of the sandbox's path.
-            let rest = if routable.token.is_some() && route.signed.is_some() {
-                route.rest_after_signature
-            } else {
-                route.rest
-            };
-            ctx.rewrite = Some(rewrite_path(rest, req.uri.query())?);
+        if self.mode != Mode::Uri {
+            return Ok(None);
         }
-        ctx.port = route.port;
-        ctx.entry = Some(entry);
-        Ok(None)
+        // Signed segments are the gateway's own only for secure sandboxes; otherwise they are
+        // part of the sandbox's path.
+        let rest = if entry.token.is_some() && route.signed.is_some() {
+            route.rest_after_signature
+        } else {
+            route.rest
+        };
+        Ok(Some(rewrite_path(rest, req.uri.query())?))
     }
 
     /// The secure-access header or a signed route, under the failed-credential limiter.
@@ -534,25 +548,12 @@ fn upstream_kind(e: &Error) -> &'static str {
     }
 }
 
-/// The sandbox id a request named: the table's own copy, or the request's when it is unknown.
-enum LoggedId {
-    Table(Arc<Entry>),
-    Unknown(Box<str>),
-}
-
-impl LoggedId {
-    fn as_str(&self) -> &str {
-        match self {
-            LoggedId::Table(entry) => entry.name(),
-            LoggedId::Unknown(id) => id,
-        }
-    }
-}
-
 /// What the access log says of the route, settled once in `admit`.
 #[derive(Default)]
 struct LogRoute {
-    sandbox: Option<LoggedId>,
+    /// The sandbox id a request named when the table has no such sandbox (otherwise the log
+    /// names the entry's own).
+    unknown: Option<Box<str>>,
     port: u16,
     signed: bool,
     /// Where the logged path starts in the request path (URI mode leaves out the route and any
@@ -575,7 +576,7 @@ impl LogRoute {
             }
         };
         Self {
-            sandbox: None,
+            unknown: None,
             port: route.port,
             signed: route.signed.is_some(),
             path_from,
@@ -586,6 +587,8 @@ impl LogRoute {
 /// Per-request state.
 pub struct Ctx {
     start: Instant,
+    /// The table's entry for the sandbox the request named; set also when the request was
+    /// refused (the access log names the sandbox from it), proxied only when admitted.
     entry: Option<Arc<Entry>>,
     port: u16,
     tries: usize,
@@ -778,7 +781,12 @@ fn access_log(session: &Session, ctx: &Ctx, status: u16, elapsed: Duration, e: O
         .unwrap_or("");
     tracing::info!(
         target: "access",
-        sandbox = ctx.log.sandbox.as_ref().map_or("", LoggedId::as_str),
+        sandbox = ctx
+            .entry
+            .as_deref()
+            .map(Entry::name)
+            .or(ctx.log.unknown.as_deref())
+            .unwrap_or(""),
         port = ctx.log.port,
         signed = ctx.log.signed,
         method = req.method.as_str(),

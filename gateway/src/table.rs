@@ -289,7 +289,7 @@ impl TableWriter {
     }
 
     fn set_hashed(&mut self, hash: u64, name: &str, entry: Option<Arc<Entry>>) {
-        let hasher = self.table.hasher.clone();
+        let hasher = &self.table.hasher;
         let shard = Arc::make_mut(&mut self.shards[shard_of(hash)]);
         match (shard.find_entry(hash, |e| &*e.name == name), entry) {
             (Ok(mut found), Some(entry)) => *found.get_mut() = entry,
