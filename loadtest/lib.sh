@@ -1,6 +1,15 @@
-# Shared by the proxy benchmarks (run.sh, scale.sh, soak): ports, nginx configs, wrk rounds,
-# CPU and memory of the process under test, medians. Source it after setting `work` (a scratch
-# directory the caller removes).
+# Shared by the proxy benchmarks (run.sh, scale.sh): a scratch directory `work` and a list
+# `pids` of started processes, both cleaned up at exit; ports, nginx configs, wrk rounds, CPU and
+# memory of the process under test, medians.
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
 
 free_port() {
   local p

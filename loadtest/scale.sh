@@ -20,14 +20,6 @@ scripts/setup.sh wrk nginx
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 cargo build --release -p gateway --bin sandbox-gateway >/dev/null
 GATEWAY=target/release/sandbox-gateway
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
 . loadtest/lib.sh
 
 UP=$(free_port)
