@@ -176,6 +176,11 @@ pub struct Config {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub access_log: bool,
 
+    /// Carry plain HTTP/1.1 requests on the lean path (see the README); `false` sends every
+    /// request through the full Pingora proxy.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub lean_path: bool,
+
     /// Worker threads (0: one per CPU).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,

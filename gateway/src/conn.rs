@@ -22,6 +22,7 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::lean::{Lean, Served};
 use crate::proxy_protocol::{self, Header, ParseError};
 
 /// Where the connection is in reading a request header.
@@ -83,6 +84,8 @@ pub struct DeadlineStream {
     deadline: Pin<Box<Sleep>>,
     /// Set when a request finished, so the next bytes start a new header.
     next_request: AtomicBool,
+    /// Bytes read once and put back (see [`DeadlineStream::rewind`]), served before the socket.
+    rewound: Vec<u8>,
 }
 
 impl DeadlineStream {
@@ -94,7 +97,17 @@ impl DeadlineStream {
             phase: Phase::Header(HeaderScan::default()),
             deadline: Box::pin(tokio::time::sleep(timeout)),
             next_request: AtomicBool::new(false),
+            rewound: Vec::new(),
         }
+    }
+
+    /// Puts back the bytes of a request header the lean path read but leaves to the full path,
+    /// which reads them again as if fresh. The header deadline keeps running.
+    pub fn rewind(&mut self, bytes: Vec<u8>) {
+        if let Phase::Header(_) | Phase::Body = self.phase {
+            self.phase = Phase::Header(HeaderScan::default());
+        }
+        self.rewound = bytes;
     }
 
     /// Called when a request on this connection is finished.
@@ -147,6 +160,13 @@ impl AsyncRead for DeadlineStream {
             _ => {}
         }
         let before = buf.filled().len();
+        if !this.rewound.is_empty() {
+            let n = this.rewound.len().min(buf.remaining());
+            buf.put_slice(this.rewound.get(..n).unwrap_or_default());
+            this.rewound.drain(..n);
+            this.scan(&buf.filled()[before..]);
+            return Poll::Ready(Ok(()));
+        }
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = res {
             this.scan(&buf.filled()[before..]);
@@ -285,6 +305,8 @@ pub struct HeaderDeadline<A> {
     pub keepalive: Duration,
     /// Every connection starts with a PROXY protocol header (`--proxy-protocol`).
     pub proxy_protocol: bool,
+    /// Serves plain HTTP/1.1 requests before `inner` sees the connection (`--lean-path`).
+    pub lean: Option<Lean>,
 }
 
 #[async_trait]
@@ -311,8 +333,13 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
         } else {
             stream
         };
-        let wrapped: Stream = Box::new(DeadlineStream::new(stream, self.timeout, self.keepalive));
-        self.inner.process_new(wrapped, shutdown).await
+        let mut wrapped = DeadlineStream::new(stream, self.timeout, self.keepalive);
+        if let Some(lean) = &self.lean
+            && let Served::Closed = lean.serve(&mut wrapped, shutdown).await
+        {
+            return None;
+        }
+        self.inner.process_new(Box::new(wrapped), shutdown).await
     }
 
     async fn cleanup(&self) {

@@ -10,6 +10,7 @@ pub mod conn;
 pub mod drain;
 pub mod error;
 pub mod keys;
+pub mod lean;
 pub mod limit;
 pub mod metrics;
 pub mod objects;

@@ -71,8 +71,8 @@ pub struct Gateway {
     mode: Mode,
     table: Arc<RouteTable>,
     keys: Arc<ArcSwap<KeyRing>>,
-    drain: Arc<Drain>,
-    limits: Limits,
+    pub(crate) drain: Arc<Drain>,
+    pub(crate) limits: Limits,
     failures: FailureLimit,
     /// Request counters by status class, resolved once so the hot path does no label lookup.
     by_class: [IntCounter; 6],
@@ -108,12 +108,12 @@ impl Gateway {
     }
 
     /// The route a request names, borrowed from its header.
-    fn route<'a>(&self, req: &'a RequestHeader) -> Result<Route<'a>, RouteError> {
+    pub(crate) fn route<'a, R: RequestView>(&self, req: &'a R) -> Result<Route<'a>, RouteError> {
         match self.mode {
             Mode::Header => route::parse_label(route::first_label(
                 routing_key(req).ok_or(RouteError::Missing)?,
             )),
-            Mode::Uri => route::parse_path(req.uri.path()),
+            Mode::Uri => route::parse_path(req.path()),
         }
     }
 
@@ -129,7 +129,11 @@ impl Gateway {
         if path == PATH_READINESS && route.is_err() {
             return Ok(Some(Local::Readiness));
         }
-        self.settle_client(session, ctx);
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| net::canonical(a.ip()));
+        (ctx.client, ctx.forwarded) = self.client_of(peer, req);
         ctx.log.path_from = (self.mode == Mode::Header).then_some(0);
         if header_size(req) > self.limits.max_header_bytes {
             return Err(GatewayError::HeaderTooLarge(self.limits.max_header_bytes));
@@ -152,7 +156,7 @@ impl Gateway {
             ctx.log.unknown = Some(route.id.into());
             return Err(GatewayError::NotFound(route.id.into()));
         };
-        let checked = self.check_entry(req, &route, &entry, ctx.client);
+        let checked = self.check_entry(req, &route, &entry, ctx.client, true);
         // Kept even when refused: the access log names the sandbox from it.
         ctx.entry = Some(entry);
         ctx.rewrite = checked?;
@@ -160,14 +164,49 @@ impl Gateway {
         Ok(None)
     }
 
+    /// The lean path's admission: `Some` when the request goes to a sandbox as it is; `None`
+    /// for anything the full path answers (health endpoints, every refusal), which then sees
+    /// the request afresh. Nothing is counted here, so a refusal is counted once, there.
+    pub(crate) fn admit_plain<R: RequestView>(
+        &self,
+        req: &R,
+        peer: Option<IpAddr>,
+        header_bytes: usize,
+    ) -> Option<Admitted> {
+        let path = req.path();
+        if path == PATH_LIVENESS || header_bytes > self.limits.max_header_bytes {
+            return None;
+        }
+        let route = self.route(req).ok()?;
+        if self.limits.denied_ports.contains(route.port) {
+            return None;
+        }
+        let entry = self.table.get(route.id)?;
+        let (client, forwarded) = self.client_of(peer, req);
+        let rewrite = self
+            .check_entry(req, &route, &entry, client, false)
+            .ok()?;
+        Some(Admitted {
+            log: LogRoute::of(&route, self.mode, path),
+            port: route.port,
+            entry,
+            rewrite,
+            client,
+            forwarded,
+        })
+    }
+
     /// Whether a request may go to a sandbox in the table: routable, credentials, exposed port.
     /// Returns the path to send in URI mode.
-    fn check_entry(
+    /// `count`: failed credentials count against the client's and the sandbox's budgets (the
+    /// lean path asks without counting and hands a refusal over to the full path).
+    pub(crate) fn check_entry<R: RequestView>(
         &self,
-        req: &RequestHeader,
+        req: &R,
         route: &Route<'_>,
         entry: &Entry,
         client: Option<IpAddr>,
+        count: bool,
     ) -> Result<Option<http::Uri>, GatewayError> {
         match &entry.state {
             State::One(_) | State::Many(_) => {}
@@ -182,13 +221,15 @@ impl Gateway {
             }
         }
         if let Some(token) = entry.token.as_deref() {
-            self.check_credentials(req, token, route, client)?;
+            self.check_credentials(req, token, route, client, count)?;
         }
         // After the credentials, so an unauthenticated client learns nothing of the doors.
         if let Some(ports) = &entry.ports
             && !ports.contains(route.port)
         {
-            refused("port_not_exposed");
+            if count {
+                refused("port_not_exposed");
+            }
             return Err(GatewayError::PortNotExposed(route.port));
         }
         if self.mode != Mode::Uri {
@@ -201,21 +242,25 @@ impl Gateway {
         } else {
             route.rest
         };
-        Ok(Some(rewrite_path(rest, req.uri.query())?))
+        Ok(Some(rewrite_path(rest, req.query())?))
     }
 
     /// The secure-access header or a signed route, under the failed-credential limiter.
-    fn check_credentials(
+    fn check_credentials<R: RequestView>(
         &self,
-        req: &RequestHeader,
+        req: &R,
         token: &str,
         route: &Route<'_>,
         client: Option<IpAddr>,
+        count: bool,
     ) -> Result<(), GatewayError> {
-        let header = req.headers.get(&SECURE_ACCESS).map(HeaderValue::as_bytes);
+        let header = req.header(&SECURE_ACCESS);
         // Only a signature can be guessed; the 192-bit header token cannot.
         let signature = header.is_none() && route.signed.is_some();
         if let Some(blocked) = self.failures.blocked(client, route.id, signature) {
+            if !count {
+                return Err(GatewayError::TooManyFailures(blocked));
+            }
             metrics()
                 .auth_failures
                 .with_label_values(&[blocked.reason()])
@@ -234,6 +279,9 @@ impl Gateway {
             self.limits.max_signed_route_lifetime,
         )
         .map_err(|denied| {
+            if !count {
+                return GatewayError::Denied(denied);
+            }
             let m = metrics();
             // Without keys nothing was guessed: the gateway is at fault, not the client.
             if !matches!(denied, access::Denied::Signature(SignatureError::NoKeys)) {
@@ -250,25 +298,20 @@ impl Gateway {
     }
 
     /// The client's address: the connection's peer (the PROXY protocol's source when that is
-    /// on), or, when the peer is a trusted proxy, the last untrusted address it forwarded.
-    fn settle_client(&self, session: &Session, ctx: &mut Ctx) {
-        let peer = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| net::canonical(a.ip()));
-        ctx.client = peer;
-        if let Some(peer) = peer
-            && !self.limits.trusted_proxies.is_empty()
-        {
-            let prior = session
-                .req_header()
-                .headers
-                .get_all(&X_FORWARDED_FOR)
-                .iter()
-                .filter_map(|v| v.to_str().ok());
-            let (client, forwarded) = trusted_chain(prior, peer, &self.limits.trusted_proxies);
-            ctx.client = Some(client);
-            ctx.forwarded = Some(forwarded);
+    /// on), or, when the peer is a trusted proxy, the last untrusted address it forwarded; and
+    /// then the `X-Forwarded-For` chain to send.
+    pub(crate) fn client_of<R: RequestView>(
+        &self,
+        peer: Option<IpAddr>,
+        req: &R,
+    ) -> (Option<IpAddr>, Option<String>) {
+        match peer {
+            Some(peer) if !self.limits.trusted_proxies.is_empty() => {
+                let prior = req.header_values("x-forwarded-for").filter_map(visible);
+                let (client, forwarded) = trusted_chain(prior, peer, &self.limits.trusted_proxies);
+                (Some(client), Some(forwarded))
+            }
+            _ => (peer, None),
         }
     }
 
@@ -320,17 +363,53 @@ impl Gateway {
 }
 
 /// The routing key in header mode: the routing header, its deprecated twin, then Host.
-fn routing_key(req: &RequestHeader) -> Option<&str> {
-    [
-        names::HEADER_INGRESS_TO,
-        names::HEADER_INGRESS_LEGACY,
-        HOST.as_str(),
-    ]
-    .into_iter()
-    .filter_map(|name| req.headers.get(name))
-    .filter_map(|v| v.to_str().ok())
-    .find(|v| !v.trim().is_empty())
-    .or_else(|| req.uri.host())
+fn routing_key<R: RequestView>(req: &R) -> Option<&str> {
+    [&INGRESS_TO, &INGRESS_LEGACY, &HOST]
+        .into_iter()
+        .filter_map(|name| req.header(name))
+        .filter_map(visible)
+        .find(|v| !v.trim().is_empty())
+        .or_else(|| req.uri_host())
+}
+
+/// A header value as text when it is visible ASCII (what `HeaderValue::to_str` accepts).
+pub(crate) fn visible(value: &[u8]) -> Option<&str> {
+    if value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
+    }
+}
+
+/// What the routing and credential checks read of a request: Pingora's parsed header on the
+/// full path, the raw header fields on the lean path.
+pub(crate) trait RequestView {
+    fn path(&self) -> &str;
+    fn query(&self) -> Option<&str>;
+    /// The host of an absolute-form request target.
+    fn uri_host(&self) -> Option<&str>;
+    /// The first value of a header field.
+    fn header(&self, name: &HeaderName) -> Option<&[u8]>;
+    /// Every value of a header field, in order.
+    fn header_values<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a [u8]>;
+}
+
+impl RequestView for RequestHeader {
+    fn path(&self) -> &str {
+        self.uri.path()
+    }
+    fn query(&self) -> Option<&str> {
+        self.uri.query()
+    }
+    fn uri_host(&self) -> Option<&str> {
+        self.uri.host()
+    }
+    fn header(&self, name: &HeaderName) -> Option<&[u8]> {
+        self.headers.get(name).map(HeaderValue::as_bytes)
+    }
+    fn header_values<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a [u8]> {
+        self.headers.get_all(name).iter().map(HeaderValue::as_bytes)
+    }
 }
 
 /// Bytes of the request line and header fields as they were sent.
@@ -369,10 +448,10 @@ fn unix_now() -> u64 {
 
 /// `X-Forwarded-For` with the client appended to what earlier proxies recorded (every prior
 /// field, in order), as the reference does.
-fn forwarded_for<'a>(prior: impl Iterator<Item = &'a HeaderValue>, client: IpAddr) -> String {
+pub(crate) fn forwarded_for<'a>(prior: impl Iterator<Item = &'a str>, client: IpAddr) -> String {
     use std::fmt::Write;
     let mut out = String::with_capacity(48);
-    for value in prior.filter_map(|v| v.to_str().ok()).map(str::trim) {
+    for value in prior.map(str::trim) {
         if !value.is_empty() {
             out.push_str(value);
             out.push_str(", ");
@@ -521,6 +600,52 @@ fn strip_hop_by_hop(upstream: &mut RequestHeader) {
     }
 }
 
+/// The hop-by-hop fields of one message for the lean path: the fixed ones `strip_hop_by_hop`
+/// removes and those its `Connection` fields name (never framing fields or `Host`).
+pub(crate) struct HopByHop<'a> {
+    named: [&'a str; MAX_CONNECTION_FIELDS],
+    count: usize,
+}
+
+/// `Connection` fields read per message; a request with more goes to the full path.
+pub(crate) const MAX_CONNECTION_FIELDS: usize = 8;
+
+pub(crate) fn hop_by_hop<'a>(connection: impl Iterator<Item = &'a str>) -> HopByHop<'a> {
+    let mut named = [""; MAX_CONNECTION_FIELDS];
+    let mut count = 0;
+    for (slot, value) in named.iter_mut().zip(connection) {
+        *slot = value;
+        count += 1;
+    }
+    HopByHop { named, count }
+}
+
+impl HopByHop<'_> {
+    pub(crate) fn drops(&self, name: &str) -> bool {
+        const FIXED: [HeaderName; 6] = [
+            CONNECTION,
+            KEEP_ALIVE,
+            PROXY_CONNECTION,
+            TE,
+            TRAILER,
+            PROXY_AUTHORIZATION,
+        ];
+        const NEVER: [HeaderName; 3] = [CONTENT_LENGTH, TRANSFER_ENCODING, HOST];
+        let is = |n: &HeaderName| name.eq_ignore_ascii_case(n.as_str());
+        if FIXED.iter().any(is) {
+            return true;
+        }
+        !NEVER.iter().any(is)
+            && self
+                .named
+                .get(..self.count)
+                .unwrap_or_default()
+                .iter()
+                .flat_map(|v| v.split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case(name))
+    }
+}
+
 fn refused(reason: &str) {
     metrics().refused.with_label_values(&[reason]).inc();
 }
@@ -550,7 +675,7 @@ fn upstream_kind(e: &Error) -> &'static str {
 
 /// What the access log says of the route, settled once in `admit`.
 #[derive(Default)]
-struct LogRoute {
+pub(crate) struct LogRoute {
     /// The sandbox id a request named when the table has no such sandbox (otherwise the log
     /// names the entry's own).
     unknown: Option<Box<str>>,
@@ -562,7 +687,7 @@ struct LogRoute {
 }
 
 impl LogRoute {
-    fn of(route: &Route<'_>, mode: Mode, path: &str) -> Self {
+    pub(crate) fn of(route: &Route<'_>, mode: Mode, path: &str) -> Self {
         let path_from = match mode {
             Mode::Header => Some(0),
             // The rest is a suffix of the path.
@@ -584,6 +709,18 @@ impl LogRoute {
     }
 }
 
+/// A request the lean path may send on (see `Gateway::admit_plain`).
+pub(crate) struct Admitted {
+    pub entry: Arc<Entry>,
+    pub port: u16,
+    /// The path and query to send in URI mode.
+    pub rewrite: Option<http::Uri>,
+    pub client: Option<IpAddr>,
+    /// The `X-Forwarded-For` to send when trusted proxies decided it.
+    pub forwarded: Option<String>,
+    pub log: LogRoute,
+}
+
 /// Per-request state.
 pub struct Ctx {
     start: Instant,
@@ -603,8 +740,18 @@ pub struct Ctx {
     _in_flight: InFlight,
 }
 
+/// The gateway as Pingora's proxy; the lean path shares the same [`Gateway`].
+pub struct Proxy(pub Arc<Gateway>);
+
+impl std::ops::Deref for Proxy {
+    type Target = Gateway;
+    fn deref(&self) -> &Gateway {
+        &self.0
+    }
+}
+
 #[async_trait]
-impl ProxyHttp for Gateway {
+impl ProxyHttp for Proxy {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
@@ -697,7 +844,11 @@ impl ProxyHttp for Gateway {
         let forwarded = match (&ctx.forwarded, ctx.client) {
             (Some(chain), _) => Some(chain.clone()),
             (None, Some(client)) => Some(forwarded_for(
-                upstream.headers.get_all(&X_FORWARDED_FOR).iter(),
+                upstream
+                    .headers
+                    .get_all(&X_FORWARDED_FOR)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
                 client,
             )),
             (None, None) => None,
@@ -760,44 +911,78 @@ impl ProxyHttp for Gateway {
         let status = session
             .response_written()
             .map_or(ctx.status, |r| r.status.as_u16());
-        let class = metrics::class_index(status);
-        self.by_class[class].inc();
-        let elapsed = ctx.start.elapsed();
-        self.duration.observe(elapsed.as_secs_f64());
+        let elapsed = self.count(status, ctx.start);
         if tracing::enabled!(target: "access", tracing::Level::INFO) {
-            access_log(session, ctx, status, elapsed, e);
+            let req = session.req_header();
+            access_log(&AccessRecord {
+                sandbox: ctx.entry.as_deref(),
+                log: &ctx.log,
+                method: req.method.as_str(),
+                path: req.uri.path(),
+                status,
+                elapsed,
+                bytes_sent: session.body_bytes_sent(),
+                bytes_received: session.body_bytes_read(),
+                client: ctx.client,
+                upstream: ctx.target,
+                error: e.map(|e| e.etype().as_str()),
+            });
         }
     }
 }
 
+impl Gateway {
+    /// Counts a finished request by status class and duration; returns its duration.
+    pub(crate) fn count(&self, status: u16, start: Instant) -> Duration {
+        self.by_class[metrics::class_index(status)].inc();
+        let elapsed = start.elapsed();
+        self.duration.observe(elapsed.as_secs_f64());
+        elapsed
+    }
+}
+
+/// What the access log says of one request.
+pub(crate) struct AccessRecord<'a> {
+    pub sandbox: Option<&'a Entry>,
+    pub log: &'a LogRoute,
+    pub method: &'a str,
+    /// The request path; the part logged is settled by `log`.
+    pub path: &'a str,
+    pub status: u16,
+    pub elapsed: Duration,
+    pub bytes_sent: usize,
+    pub bytes_received: usize,
+    pub client: Option<IpAddr>,
+    pub upstream: Option<SocketAddr>,
+    pub error: Option<&'a str>,
+}
+
 /// One structured line per request. The Host, query string and any credential are left out:
 /// they can carry tokens and signatures.
-fn access_log(session: &Session, ctx: &Ctx, status: u16, elapsed: Duration, e: Option<&Error>) {
-    let req = session.req_header();
-    let path = ctx
+pub(crate) fn access_log(r: &AccessRecord<'_>) {
+    let path = r
         .log
         .path_from
-        .and_then(|from| req.uri.path().get(from..))
+        .and_then(|from| r.path.get(from..))
         .unwrap_or("");
     tracing::info!(
         target: "access",
-        sandbox = ctx
-            .entry
-            .as_deref()
+        sandbox = r
+            .sandbox
             .map(Entry::name)
-            .or(ctx.log.unknown.as_deref())
+            .or(r.log.unknown.as_deref())
             .unwrap_or(""),
-        port = ctx.log.port,
-        signed = ctx.log.signed,
-        method = req.method.as_str(),
+        port = r.log.port,
+        signed = r.log.signed,
+        method = r.method,
         path,
-        status,
-        latency_ms = elapsed.as_secs_f64() * 1000.0,
-        bytes_sent = session.body_bytes_sent(),
-        bytes_received = session.body_bytes_read(),
-        client = ctx.client.map(|ip| ip.to_string()),
-        upstream = ctx.target.map(|t| t.to_string()),
-        error = e.map(|e| e.etype().as_str()),
+        status = r.status,
+        latency_ms = r.elapsed.as_secs_f64() * 1000.0,
+        bytes_sent = r.bytes_sent,
+        bytes_received = r.bytes_received,
+        client = r.client.map(|ip| ip.to_string()),
+        upstream = r.upstream.map(|t| t.to_string()),
+        error = r.error,
     );
 }
 
@@ -815,12 +1000,9 @@ mod tests {
         assert_eq!(host_value("[::1]:80".parse().unwrap()), "[::1]:80");
         let ip = "10.0.0.1".parse().unwrap();
         assert_eq!(forwarded_for(std::iter::empty(), ip), "10.0.0.1");
-        let prior = [
-            HeaderValue::from_static("203.0.113.9"),
-            HeaderValue::from_static(" 198.51.100.1 "),
-        ];
+        let prior = ["203.0.113.9", " 198.51.100.1 "];
         assert_eq!(
-            forwarded_for(prior.iter(), ip),
+            forwarded_for(prior.into_iter(), ip),
             "203.0.113.9, 198.51.100.1, 10.0.0.1"
         );
     }

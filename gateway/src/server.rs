@@ -19,12 +19,13 @@ use crate::config::{Config, ConfigError, Provider};
 use crate::conn::HeaderDeadline;
 use crate::drain::{Drain, Signals};
 use crate::keys::KeysReloader;
+use crate::lean::Lean;
 use crate::limit::Budgets;
 use crate::metrics::metrics;
 use crate::provider::file;
 use crate::provider::file::FileProvider;
 use crate::provider::kubernetes::{Kind, KubeProvider};
-use crate::proxy::{Gateway, Limits};
+use crate::proxy::{Gateway, Limits, Proxy};
 use crate::table::{RouteTable, TableWriter};
 
 /// Validates the configuration, binds the listeners and serves until shut down.
@@ -54,20 +55,21 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
         trusted_proxies: config.trusted_proxies()?,
     };
 
-    let gateway = Gateway::new(
+    let gateway = Arc::new(Gateway::new(
         config.mode,
         table.clone(),
         keys.clone(),
         drain.clone(),
         limits,
-    );
-    let mut proxy = HttpProxy::new(gateway, conf.clone());
+    ));
+    let mut proxy = HttpProxy::new(Proxy(gateway.clone()), conf.clone());
     proxy.handle_init_modules();
     let app = HeaderDeadline {
         inner: Arc::new(proxy),
         timeout: Duration::from_secs(config.header_timeout_seconds),
         keepalive: Duration::from_secs(config.keepalive_timeout_seconds),
         proxy_protocol: config.proxy_protocol,
+        lean: config.lean_path.then(|| Lean::new(gateway.clone())),
     };
     let mut listener = Service::new("sandbox gateway".to_owned(), app);
     listener.add_tcp(&socket(config.bind, config.port));
