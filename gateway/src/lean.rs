@@ -224,9 +224,14 @@ impl Lean {
                         Err(kind) => break Err(kind),
                     },
                 };
-                match send_and_read_head(&mut up, &bufs.out, &mut bufs.resp).await {
+                bufs.reply.clear();
+                match send_and_read_head(&mut up, &bufs.out, &mut bufs.resp, &mut bufs.reply).await
+                {
                     Ok(head) => break Ok((up, head)),
-                    Err(Failure { kind, before_response }) => {
+                    Err(Failure {
+                        kind,
+                        before_response,
+                    }) => {
                         if reused && before_response {
                             continue;
                         }
@@ -259,9 +264,7 @@ impl Lean {
         };
         outcome.status = status;
         let chunk_out = matches!(framing, Framing::Close) && keepalive;
-        bufs.reply.clear();
         write_response_head(&mut bufs.reply, &resp, &framing, chunk_out, keepalive);
-        drop(resp);
         let first = bufs.resp.get(head..).unwrap_or_default();
         let relay = relay_body(&mut up, down, framing, chunk_out, first, &mut bufs.reply).await;
         match relay {
@@ -270,7 +273,11 @@ impl Lean {
                 if reusable && upstream_keepalive {
                     self.pool.put(target, up);
                 }
-                if keepalive { Next::KeepAlive } else { Next::Close }
+                if keepalive {
+                    Next::KeepAlive
+                } else {
+                    Next::Close
+                }
             }
             Err((sent, failure)) => {
                 outcome.sent = sent;
@@ -301,7 +308,10 @@ impl Lean {
     }
 
     async fn fail_protocol(&self, down: &mut DeadlineStream, outcome: &mut Outcome) -> Next {
-        metrics().upstream_errors.with_label_values(&["protocol"]).inc();
+        metrics()
+            .upstream_errors
+            .with_label_values(&["protocol"])
+            .inc();
         self.fail(down, outcome, "protocol").await
     }
 }
@@ -352,7 +362,9 @@ impl<'a> Plain<'a> {
         if req.version != Some(1)
             || method == "CONNECT"
             || !target.starts_with('/')
-            || !target.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b'#')
+            || !target
+                .bytes()
+                .all(|b| (0x21..0x7f).contains(&b) && b != b'#')
         {
             return None;
         }
@@ -467,9 +479,7 @@ fn write_request(out: &mut Vec<u8>, req: &Plain<'_>, admitted: &Admitted, target
         if name.eq_ignore_ascii_case(HOST.as_str()) && host.is_none() {
             host = Some(field.value);
         }
-        if REPLACED.iter().any(|r| name.eq_ignore_ascii_case(r))
-            || dropped.drops(name)
-        {
+        if REPLACED.iter().any(|r| name.eq_ignore_ascii_case(r)) || dropped.drops(name) {
             continue;
         }
         field_line(out, name.as_bytes(), field.value);
@@ -643,12 +653,14 @@ async fn connect(target: SocketAddr, timeout: Duration) -> Result<TcpStream, &'s
     }
 }
 
-/// Writes the request and reads until the response header is complete; returns its length
-/// (the bytes after it in `resp` are the body's first).
+/// Writes the request and reads until the final response header is complete; returns its
+/// length (the bytes after it in `resp` are the body's first). Interim responses to pass on
+/// are appended to `interim_out`.
 async fn send_and_read_head(
     up: &mut TcpStream,
     request: &[u8],
     resp: &mut Vec<u8>,
+    interim_out: &mut Vec<u8>,
 ) -> Result<usize, Failure> {
     let fail = |kind, before_response| Failure {
         kind,
@@ -658,17 +670,38 @@ async fn send_and_read_head(
         .await
         .map_err(|_| fail("write_error", true))?;
     resp.clear();
+    // An interim response was read: the sandbox has answered, so nothing is sent again.
+    let mut interim = false;
+    let mut need_read = true;
     loop {
-        resp.reserve(4096);
-        match up.read_buf(resp).await {
-            Ok(0) => return Err(fail("closed", resp.is_empty())),
-            Ok(_) => {}
-            Err(_) => return Err(fail("read_error", resp.is_empty())),
+        if need_read {
+            resp.reserve(4096);
+            let before_response = !interim && resp.is_empty();
+            match up.read_buf(resp).await {
+                Ok(0) => return Err(fail("closed", before_response)),
+                Ok(_) => {}
+                Err(_) => return Err(fail("read_error", before_response)),
+            }
         }
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        match httparse::Response::new(&mut fields).parse(resp) {
+        let mut head = httparse::Response::new(&mut fields);
+        match head.parse(resp) {
+            // An interim response is passed on as it came (103 Early Hints), except
+            // 100 Continue: the lean path sends no `Expect`. The final response follows.
+            Ok(httparse::Status::Complete(n))
+                if head
+                    .code
+                    .is_some_and(|c| (100..200).contains(&c) && c != 101) =>
+            {
+                if head.code != Some(100) {
+                    interim_out.extend_from_slice(resp.get(..n).unwrap_or_default());
+                }
+                resp.drain(..n);
+                interim = true;
+                need_read = resp.is_empty();
+            }
             Ok(httparse::Status::Complete(n)) => return Ok(n),
-            Ok(httparse::Status::Partial) if resp.len() < MAX_RESPONSE_HEADER => {}
+            Ok(httparse::Status::Partial) if resp.len() < MAX_RESPONSE_HEADER => need_read = true,
             _ => return Err(fail("protocol", false)),
         }
     }
@@ -727,11 +760,12 @@ async fn relay_body(
     let mut read = vec![0u8; 16 * 1024];
     loop {
         if !reply.is_empty() {
+            // The client's stream buffers writes: each piece goes out now (event streams).
             down.write_all(reply).await.map_err(|_| (sent, None))?;
+            down.flush().await.map_err(|_| (sent, None))?;
             reply.clear();
         }
         if done {
-            down.flush().await.map_err(|_| (sent, None))?;
             return Ok(Relayed {
                 sent,
                 reusable: clean && framing != Framing::Close,

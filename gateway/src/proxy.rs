@@ -183,9 +183,7 @@ impl Gateway {
         }
         let entry = self.table.get(route.id)?;
         let (client, forwarded) = self.client_of(peer, req);
-        let rewrite = self
-            .check_entry(req, &route, &entry, client, false)
-            .ok()?;
+        let rewrite = self.check_entry(req, &route, &entry, client, false).ok()?;
         Some(Admitted {
             log: LogRoute::of(&route, self.mode, path),
             port: route.port,
@@ -374,7 +372,10 @@ fn routing_key<R: RequestView>(req: &R) -> Option<&str> {
 
 /// A header value as text when it is visible ASCII (what `HeaderValue::to_str` accepts).
 pub(crate) fn visible(value: &[u8]) -> Option<&str> {
-    if value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+    if value
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+    {
         std::str::from_utf8(value).ok()
     } else {
         None
@@ -569,11 +570,11 @@ fn names_content_length(raw: &[u8]) -> bool {
 /// Headers that mean something only on one connection are not forwarded: `Connection` and the
 /// headers it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Proxy-Authorization`.
 /// A WebSocket upgrade keeps `Upgrade` with `Connection: upgrade`. Framing headers and `Host`
-/// are never removed on a client's say-so.
-fn strip_hop_by_hop(upstream: &mut RequestHeader) {
+/// are never removed on a client's say-so. Requests and responses alike.
+fn strip_hop_by_hop<M: Message>(message: &mut M) {
     let mut upgrade = false;
     let mut named: Vec<HeaderName> = Vec::new();
-    for value in upstream.headers.get_all(CONNECTION) {
+    for value in message.fields().get_all(CONNECTION) {
         for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
             if token.eq_ignore_ascii_case("upgrade") {
                 upgrade = true;
@@ -591,14 +592,40 @@ fn strip_hop_by_hop(upstream: &mut RequestHeader) {
         TRAILER,
         PROXY_AUTHORIZATION,
     ]) {
-        upstream.remove_header(name);
+        message.remove(name);
     }
-    if upgrade && upstream.headers.contains_key(UPGRADE) {
-        let _ = upstream.insert_header(CONNECTION, CONNECTION_UPGRADE);
+    if upgrade && message.fields().contains_key(UPGRADE) {
+        message.upgrade();
     } else {
-        upstream.remove_header(&CONNECTION);
+        message.remove(&CONNECTION);
     }
 }
+
+/// Pingora's request and response headers, as `strip_hop_by_hop` edits them.
+trait Message {
+    fn fields(&self) -> &http::HeaderMap;
+    fn remove(&mut self, name: &HeaderName);
+    /// Sets `Connection: upgrade`.
+    fn upgrade(&mut self);
+}
+
+macro_rules! message {
+    ($t:ty) => {
+        impl Message for $t {
+            fn fields(&self) -> &http::HeaderMap {
+                &self.headers
+            }
+            fn remove(&mut self, name: &HeaderName) {
+                self.remove_header(name);
+            }
+            fn upgrade(&mut self) {
+                let _ = self.insert_header(CONNECTION, CONNECTION_UPGRADE);
+            }
+        }
+    };
+}
+message!(RequestHeader);
+message!(ResponseHeader);
 
 /// The hop-by-hop fields of one message for the lean path: the fixed ones `strip_hop_by_hop`
 /// removes and those its `Connection` fields name (never framing fields or `Host`).
@@ -871,6 +898,7 @@ impl ProxyHttp for Proxy {
         resp: &mut ResponseHeader,
         _ctx: &mut Ctx,
     ) -> Result<()> {
+        strip_hop_by_hop(resp);
         resp.insert_header(POWERED_BY, POWERED_BY_VALUE)?;
         Ok(())
     }

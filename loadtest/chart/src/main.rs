@@ -125,6 +125,7 @@ fn display_name(target: &str) -> &str {
         "nginx" => "nginx proxy_pass",
         "gateway" => "sandbox-gateway",
         "gateway_log" => "gateway + access log",
+        "gateway_full" => "gateway, full path",
         "reference" => "reference ingress",
         other => other,
     }
