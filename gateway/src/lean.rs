@@ -23,7 +23,7 @@ use pingora::protocols::http::date::get_cached_date;
 use pingora::server::ShutdownWatch;
 use sandbox_api::names;
 use sandbox_api::net;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::conn::DeadlineStream;
@@ -38,6 +38,8 @@ const MAX_HEADERS: usize = 96;
 /// Largest request body the lean path buffers (so a request can be sent again on a fresh
 /// connection when a kept-alive one turns out closed).
 pub const MAX_BODY: usize = 64 * 1024;
+/// Header fields parsed per response (a sandbox's answer with more is refused as 502).
+const MAX_RESPONSE_FIELDS: usize = 256;
 /// Largest upstream response header.
 const MAX_RESPONSE_HEADER: usize = 64 * 1024;
 /// Idle upstream connections kept per address and in all.
@@ -75,14 +77,14 @@ struct Buffers {
     resp: Vec<u8>,
     /// The response header and body as sent downstream.
     reply: Vec<u8>,
+    /// Body bytes read from the sandbox after the first read.
+    scratch: Vec<u8>,
 }
 
 impl Lean {
     pub fn new(gateway: Arc<Gateway>) -> Self {
-        Self {
-            gateway,
-            pool: Pool::default(),
-        }
+        let pool = Pool::new(gateway.limits.idle_timeout);
+        Self { gateway, pool }
     }
 
     /// Serves requests on a downstream connection until it closes or needs the full path.
@@ -111,7 +113,11 @@ impl Lean {
                     Ok(_) => {}
                 }
             };
-            match self.exchange(down, &mut buf, head, peer, &mut bufs).await {
+            let closing = *shutdown.borrow();
+            match self
+                .exchange(down, &mut buf, head, peer, closing, &mut bufs)
+                .await
+            {
                 Next::KeepAlive if !*shutdown.borrow() => down.request_done(),
                 Next::KeepAlive | Next::Close => return Served::Closed,
                 Next::HandOver => return hand_over(down, buf),
@@ -127,6 +133,7 @@ impl Lean {
         buf: &mut Vec<u8>,
         head: usize,
         peer: Option<IpAddr>,
+        closing: bool,
         bufs: &mut Buffers,
     ) -> Next {
         let start = Instant::now();
@@ -143,7 +150,8 @@ impl Lean {
             return Next::HandOver;
         };
         let _in_flight = self.gateway.drain.enter();
-        let keepalive = !req.close;
+        // A gateway shutting down answers with `Connection: close`.
+        let keepalive = !req.close && !closing;
 
         // The body, whole: what came with the header, then the rest from the socket.
         let have = buf.len().saturating_sub(head).min(req.length);
@@ -214,7 +222,7 @@ impl Lean {
             bufs.out.extend_from_slice(body);
             // A kept-alive connection may have been closed by the sandbox meanwhile: then the
             // request goes once more on a fresh one.
-            let mut pooled = self.pool.take(target, limits.idle_timeout);
+            let mut pooled = self.pool.take(target);
             let result = loop {
                 let reused = pooled.is_some();
                 let mut up = match pooled.take() {
@@ -252,7 +260,7 @@ impl Lean {
             }
         };
 
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_FIELDS];
         let mut resp = httparse::Response::new(&mut fields);
         let parsed = resp.parse(bufs.resp.get(..head).unwrap_or_default());
         let (status, framing, upstream_keepalive) = match parsed {
@@ -266,7 +274,16 @@ impl Lean {
         let chunk_out = matches!(framing, Framing::Close) && keepalive;
         write_response_head(&mut bufs.reply, &resp, &framing, chunk_out, keepalive);
         let first = bufs.resp.get(head..).unwrap_or_default();
-        let relay = relay_body(&mut up, down, framing, chunk_out, first, &mut bufs.reply).await;
+        let relay = relay_body(
+            &mut up,
+            down,
+            framing,
+            chunk_out,
+            first,
+            &mut bufs.reply,
+            &mut bufs.scratch,
+        )
+        .await;
         match relay {
             Ok(Relayed { sent, reusable }) => {
                 outcome.sent = sent;
@@ -683,7 +700,7 @@ async fn send_and_read_head(
                 Err(_) => return Err(fail("read_error", before_response)),
             }
         }
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_FIELDS];
         let mut head = httparse::Response::new(&mut fields);
         match head.parse(resp) {
             // An interim response is passed on as it came (103 Early Hints), except
@@ -743,6 +760,7 @@ async fn relay_body(
     chunk_out: bool,
     first: &[u8],
     reply: &mut Vec<u8>,
+    read: &mut Vec<u8>,
 ) -> Result<Relayed, (usize, Option<&'static str>)> {
     let mut sent = 0usize;
     let mut body = Body {
@@ -757,7 +775,6 @@ async fn relay_body(
     // Bytes past the body's end mean the connection's state is unknown.
     let mut clean = !matches!(framing, Framing::Length(_) | Framing::None)
         || first.len() as u64 <= framing_len(framing);
-    let mut read = vec![0u8; 16 * 1024];
     loop {
         if !reply.is_empty() {
             // The client's stream buffers writes: each piece goes out now (event streams).
@@ -771,7 +788,10 @@ async fn relay_body(
                 reusable: clean && framing != Framing::Close,
             });
         }
-        let n = read_some(up, &mut read).await;
+        if read.is_empty() {
+            read.resize(16 * 1024, 0);
+        }
+        let n = up.read(read).await;
         match n {
             Ok(0) if framing == Framing::Close => {
                 if chunk_out {
@@ -848,10 +868,6 @@ fn framing_len(framing: Framing) -> u64 {
         Framing::Length(n) => n,
         _ => 0,
     }
-}
-
-async fn read_some<R: AsyncRead + Unpin>(r: &mut R, into: &mut [u8]) -> std::io::Result<usize> {
-    r.read(into).await
 }
 
 /// Follows chunked framing over a byte stream to find where the message ends (after the last
@@ -980,9 +996,10 @@ fn error_response(e: &GatewayError) -> Vec<u8> {
 }
 
 /// Idle upstream connections by address, shared by the process's threads.
-#[derive(Default)]
 struct Pool {
     inner: Mutex<PoolInner>,
+    /// How long a connection is kept idle (`--upstream-idle-timeout-seconds`).
+    max_idle: Duration,
 }
 
 #[derive(Default)]
@@ -993,8 +1010,16 @@ struct PoolInner {
 }
 
 impl Pool {
+    fn new(max_idle: Duration) -> Self {
+        Self {
+            inner: Mutex::default(),
+            max_idle,
+        }
+    }
+
     /// The most recently used idle connection to `addr` that is younger than `max_idle`.
-    fn take(&self, addr: SocketAddr, max_idle: Duration) -> Option<TcpStream> {
+    fn take(&self, addr: SocketAddr) -> Option<TcpStream> {
+        let max_idle = self.max_idle;
         let mut inner = self.inner.lock().ok()?;
         let PoolInner { idle, total, .. } = &mut *inner;
         let list = idle.get_mut(&addr)?;
@@ -1017,7 +1042,7 @@ impl Pool {
             .is_none_or(|at| now.duration_since(at) >= POOL_SWEEP)
         {
             inner.swept = Some(now);
-            inner.sweep(now);
+            inner.sweep(now, self.max_idle);
         }
         if inner.total >= POOL_TOTAL {
             return;
@@ -1032,13 +1057,12 @@ impl Pool {
 }
 
 impl PoolInner {
-    /// Drops connections idle longer than any idle timeout allows (they are refused at `take`
-    /// anyway) and addresses with none left.
-    fn sweep(&mut self, now: Instant) {
-        const OLDEST: Duration = Duration::from_secs(3600);
+    /// Closes connections idle longer than `max_idle` (they would be refused at `take`) and
+    /// forgets addresses with none left, such as deleted sandboxes'.
+    fn sweep(&mut self, now: Instant, max_idle: Duration) {
         let mut total = 0;
         self.idle.retain(|_, list| {
-            list.retain(|(_, since)| now.duration_since(*since) < OLDEST);
+            list.retain(|(_, since)| now.duration_since(*since) < max_idle);
             total += list.len();
             !list.is_empty()
         });

@@ -388,3 +388,21 @@ fn the_full_path_alone_serves_the_same_answers() {
     }
     assert_eq!(c.interim, [103]);
 }
+
+#[test]
+fn idle_upstream_connections_expire() {
+    let (gw, up, _dir) = setup(&["--upstream-idle-timeout-seconds", "1"]);
+    let port = up.addr.port();
+    let ask = |path: &str| {
+        let mut c = Client::connect(&gw);
+        c.send(&get(path, port));
+        c.response(false).body_text()
+    };
+    assert!(ask("/a").starts_with("conn=1 "));
+    assert!(ask("/b").starts_with("conn=1 "), "kept for reuse");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        ask("/c").starts_with("conn=2 "),
+        "an expired connection is not reused"
+    );
+}
