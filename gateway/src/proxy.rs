@@ -1008,8 +1008,8 @@ pub(crate) fn access_log(r: &AccessRecord<'_>) {
         latency_ms = r.elapsed.as_secs_f64() * 1000.0,
         bytes_sent = r.bytes_sent,
         bytes_received = r.bytes_received,
-        client = r.client.map(|ip| ip.to_string()),
-        upstream = r.upstream.map(|t| t.to_string()),
+        client = r.client.map(tracing::field::display),
+        upstream = r.upstream.map(tracing::field::display),
         error = r.error,
     );
 }
