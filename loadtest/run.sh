@@ -9,8 +9,14 @@
 # ROUNDS times, interleaved, and the medians are reported. Prints a table and a verdict line
 # and writes both to loadtest/results/, with the JSON result and a PNG chart of it.
 #
+# With REFERENCE_INGRESS_BIN set to a build of the reference ingress (see the README), the
+# project's test API server is started with one BatchSandbox pointing at the upstream, and two
+# more targets run on it: the gateway on the Kubernetes provider and the reference ingress
+# (GOMAXPROCS=1, its default logging), pinned like the others.
+#
 # Env: ROUNDS (3), DURATION (10s), CONNECTIONS (50), PAYLOAD (bytes in the upstream body, 128),
-# SAVE (1: write the report to loadtest/results/; the test command's short run sets 0).
+# SAVE (1: write the report to loadtest/results/; the test command's short run sets 0),
+# REFERENCE_INGRESS_BIN (unset: no Kubernetes targets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,6 +76,36 @@ done
 route="OpenSandbox-Ingress-To: bench-$UP"
 curl -fs -H "$route" "http://127.0.0.1:$GW/" | grep -q x || { echo "gateway does not answer" >&2; exit 1; }
 
+targets=(direct nginx gateway gateway_log gateway_full)
+if [ -n "${REFERENCE_INGRESS_BIN:-}" ]; then
+  [ -x "$REFERENCE_INGRESS_BIN" ] || { echo "REFERENCE_INGRESS_BIN=$REFERENCE_INGRESS_BIN is not an executable" >&2; exit 1; }
+  K8S_TESTENV_DIR=$(scripts/k8s-testenv/build.sh | tail -n 1)
+  export K8S_TESTENV_DIR
+  cargo build --release -p gateway --example k8s-bench >/dev/null
+  # The control plane lives as long as this script holds the pipe open.
+  mkfifo "$work/hold"
+  taskset -c $LOAD_CPU target/release/examples/k8s-bench serve "$work/kubeconfig" <"$work/hold" & pids+=($!)
+  exec 7>"$work/hold"
+  for _ in $(seq 1 600); do [ -s "$work/kubeconfig" ] && break; sleep 0.1; done
+  [ -s "$work/kubeconfig" ] || { echo "test API server did not start" >&2; exit 1; }
+  REF=$(free_port); GWK=$(free_port); GWKM=$(free_port)
+  taskset -c $PROXY_CPU env GOMAXPROCS=1 KUBECONFIG="$work/kubeconfig" "$REFERENCE_INGRESS_BIN" \
+    --port "$REF" --provider-type batchsandbox --mode header >"$work/reference.log" 2>&1 & pids+=($!)
+  reference_pid=$!
+  taskset -c $PROXY_CPU "$GATEWAY" --provider-type batchsandbox --kubeconfig "$work/kubeconfig" \
+    --allowed-upstream-cidrs 127.0.0.1/32 --bind 127.0.0.1 --threads 1 --port "$GWK" --metrics-port "$GWKM" \
+    --access-log=false >/dev/null & pids+=($!)
+  gateway_kube_pid=$!
+  for _ in $(seq 1 300); do
+    curl -fs -H "$route" "http://127.0.0.1:$REF/" 2>/dev/null | grep -q x \
+      && curl -fs -H "$route" "http://127.0.0.1:$GWK/" 2>/dev/null | grep -q x && break
+    sleep 0.1
+  done
+  curl -fs -H "$route" "http://127.0.0.1:$REF/" | grep -q x || { echo "reference ingress does not answer:" >&2; tail -5 "$work/reference.log" >&2; exit 1; }
+  curl -fs -H "$route" "http://127.0.0.1:$GWK/" | grep -q x || { echo "gateway (Kubernetes provider) does not answer" >&2; exit 1; }
+  targets+=(gateway_kube reference)
+fi
+
 # The processes whose CPU a target's requests cost (the proxy; none for the upstream itself).
 proxy_pids() {
   case $1 in
@@ -78,10 +114,11 @@ proxy_pids() {
     gateway) echo "$gateway_pid" ;;
     gateway_log) echo "$gateway_log_pid" ;;
     gateway_full) echo "$gateway_full_pid" ;;
+    gateway_kube) echo "$gateway_kube_pid" ;;
+    reference) echo "$reference_pid" ;;
   esac
 }
 declare -A rps p99 p50 per_cpu errs rss
-targets=(direct nginx gateway gateway_log gateway_full)
 url_of() {
   case $1 in
     direct) echo "http://127.0.0.1:$UP/" ;;
@@ -89,6 +126,8 @@ url_of() {
     gateway) echo "http://127.0.0.1:$GW/" ;;
     gateway_log) echo "http://127.0.0.1:$GWL/" ;;
     gateway_full) echo "http://127.0.0.1:$GWF/" ;;
+    gateway_kube) echo "http://127.0.0.1:$GWK/" ;;
+    reference) echo "http://127.0.0.1:$REF/" ;;
   esac
 }
 for round in $(seq 1 "$ROUNDS"); do
@@ -129,6 +168,8 @@ report=$(
       gateway) name="sandbox-gateway" ;;
       gateway_log) name="sandbox-gateway, access log" ;;
       gateway_full) name="sandbox-gateway, full path" ;;
+      gateway_kube) name="sandbox-gateway, Kubernetes" ;;
+      reference) name="reference ingress (Go)" ;;
     esac
     if [ -n "$c" ]; then
       cpu_cell=$c; vs=$(awk -v a="$c" -v b="$nginx_cpu" 'BEGIN { printf "%.2fx", a / b }')
@@ -144,6 +185,10 @@ report=$(
   awk -v a="$gw" -v b="$nginx_cpu" -v p="$(median "${p99[gateway]}")" -v q="$(median "${p99[nginx]}")" 'BEGIN {
     r = a / b; l = p / q
     printf "verdict: sandbox-gateway serves %.2fx nginx proxy_pass per CPU-second (goal 0.80x: %s); p99 %.2fx nginx (goal at most 1.5x: %s)\n", r, (r >= 0.8 ? "met" : "not met"), l, (l <= 1.5 ? "met" : "not met") }'
+  if [ -n "${per_cpu[reference]:-}" ]; then
+    awk -v a="$(median "${per_cpu[gateway_kube]}")" -v b="$(median "${per_cpu[reference]}")" 'BEGIN {
+      r = a / b; printf "verdict: sandbox-gateway (Kubernetes provider) serves %.1fx the reference ingress per CPU-second (goal 6x: %s)\n", r, (r >= 6 ? "met" : "not met") }'
+  fi
 )
 echo "$report"
 json=""

@@ -7,6 +7,9 @@
 //!   ready and its RSS with all of them in the table.
 //! - `fanout [N] [K]`: K gateways (default 9) start at once against N BatchSandboxes (default
 //!   20000), with paged and with streaming initial lists: the API server's CPU per gateway sync.
+//! - `serve KUBECONFIG`: for `make bench`'s Kubernetes targets: a control plane with one
+//!   BatchSandbox `bench` in `default` whose endpoint is 127.0.0.1, its admin kubeconfig
+//!   copied to KUBECONFIG; runs until its standard input closes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/support/mod.rs"]
@@ -318,6 +321,22 @@ fn updates(plane: &ControlPlane, apiserver: u32, n: usize, gateways: usize) {
     );
 }
 
+fn serve(kubeconfig: &str) {
+    use std::io::Read;
+    let plane = ControlPlane::start();
+    let boxes = Objects::new(&plane, "default", &batch_resource());
+    boxes.create(
+        "bench",
+        json!({"sandbox.opensandbox.io/endpoints": "[\"127.0.0.1\"]"}),
+        json!({"replicas": 1, "ready": 1}),
+    );
+    // Written whole, then renamed: a reader never sees half a file.
+    let partial = format!("{kubeconfig}.partial");
+    std::fs::copy(&plane.kubeconfig, &partial).unwrap();
+    std::fs::rename(&partial, kubeconfig).unwrap();
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let n = args.get(2).and_then(|s| s.parse().ok());
@@ -328,6 +347,7 @@ fn main() {
             n.unwrap_or(20_000),
             args.get(3).and_then(|s| s.parse().ok()).unwrap_or(9),
         ),
-        other => panic!("unknown benchmark {other:?}: propagation, scale or fanout"),
+        "serve" => serve(args.get(2).expect("serve KUBECONFIG")),
+        other => panic!("unknown benchmark {other:?}: propagation, scale, fanout or serve"),
     }
 }

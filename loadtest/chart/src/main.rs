@@ -126,6 +126,7 @@ fn display_name(target: &str) -> &str {
         "gateway" => "sandbox-gateway",
         "gateway_log" => "gateway + access log",
         "gateway_full" => "gateway, full path",
+        "gateway_kube" => "gateway, Kubernetes",
         "reference" => "reference ingress",
         other => other,
     }
