@@ -5,6 +5,8 @@
 work=$(mktemp -d)
 pids=()
 cleanup() {
+  # A script's own first step (e.g. letting a helper shut down cleanly).
+  if declare -F before_cleanup >/dev/null; then before_cleanup || true; fi
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   # A process that outlives SIGTERM by 5 s (the reference ingress keeps serving) is killed.
   local _

@@ -82,19 +82,27 @@ if [ -n "${REFERENCE_INGRESS_BIN:-}" ]; then
   K8S_TESTENV_DIR=$(scripts/k8s-testenv/build.sh | tail -n 1)
   export K8S_TESTENV_DIR
   cargo build --release -p gateway --example k8s-bench >/dev/null
-  # The control plane lives as long as this script holds the pipe open.
+  # The control plane lives as long as this script holds the pipe open; closing it lets the
+  # helper stop etcd and kube-apiserver itself (a signal would leave them running).
   mkfifo "$work/hold"
-  taskset -c $LOAD_CPU target/release/examples/k8s-bench serve "$work/kubeconfig" <"$work/hold" & pids+=($!)
+  taskset -c $LOAD_CPU target/release/examples/k8s-bench serve "$work/kubeconfig" <"$work/hold" &
+  serve_pid=$!
   exec 7>"$work/hold"
+  before_cleanup() {
+    exec 7>&-
+    local _
+    for _ in $(seq 1 100); do kill -0 "$serve_pid" 2>/dev/null || return 0; sleep 0.1; done
+    kill "$serve_pid"
+  }
   for _ in $(seq 1 600); do [ -s "$work/kubeconfig" ] && break; sleep 0.1; done
   [ -s "$work/kubeconfig" ] || { echo "test API server did not start" >&2; exit 1; }
   REF=$(free_port); GWK=$(free_port); GWKM=$(free_port)
   taskset -c $PROXY_CPU env GOMAXPROCS=1 KUBECONFIG="$work/kubeconfig" "$REFERENCE_INGRESS_BIN" \
-    --port "$REF" --provider-type batchsandbox --mode header >"$work/reference.log" 2>&1 & pids+=($!)
+    --port "$REF" --provider-type batchsandbox --mode header >"$work/reference.log" 2>&1 7>&- & pids+=($!)
   reference_pid=$!
   taskset -c $PROXY_CPU "$GATEWAY" --provider-type batchsandbox --kubeconfig "$work/kubeconfig" \
     --allowed-upstream-cidrs 127.0.0.1/32 --bind 127.0.0.1 --threads 1 --port "$GWK" --metrics-port "$GWKM" \
-    --access-log=false >/dev/null & pids+=($!)
+    --access-log=false >/dev/null 7>&- & pids+=($!)
   gateway_kube_pid=$!
   for _ in $(seq 1 300); do
     curl -fs -H "$route" "http://127.0.0.1:$REF/" 2>/dev/null | grep -q x \
