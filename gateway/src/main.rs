@@ -56,11 +56,16 @@ fn main() {
         "{level},pingora=warn,pingora_proxy={proxy},access={access}"
     ));
     // Lossless: under overload the request path waits for the log thread rather than dropping
-    // access-log lines. The guard flushes the buffer at exit.
+    // access-log lines. The guard flushes the buffer at exit. The log thread writes through a
+    // buffer it flushes whenever it has caught up, so a busy gateway writes many lines per
+    // system call (stdout alone would make one per line) and an idle one writes at once.
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .buffered_lines_limit(64 * 1024)
-        .finish(std::io::stdout());
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stdout(),
+        ));
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
