@@ -552,8 +552,9 @@ fn response_framing(resp: &httparse::Response<'_, '_>, head: bool) -> Option<(u1
     for field in resp.headers.iter() {
         let name = field.name;
         if name.eq_ignore_ascii_case(TRANSFER_ENCODING.as_str()) {
-            let last = field.value.rsplit(|&b| b == b',').next()?.trim_ascii();
-            if !last.eq_ignore_ascii_case(b"chunked") || chunked {
+            // Only `chunked` alone: relaying another coding would need it named to the client
+            // in a field this path rewrites.
+            if !field.value.trim_ascii().eq_ignore_ascii_case(b"chunked") || chunked {
                 return None;
             }
             chunked = true;

@@ -110,6 +110,9 @@ fn serve(mut s: TcpStream, conn: usize) {
             "/chunked" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
                            5;x=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 11\r\n\r\n"
                 .to_owned(),
+            "/gzip-chunked" => {
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n".to_owned()
+            }
             "/conflict" => {
                 "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok".to_owned()
             }
@@ -342,16 +345,19 @@ fn every_response_framing_reaches_the_client_intact() {
             .ends_with("path=/after-head body=")
     );
 
-    // Conflicting lengths are never passed on.
-    c.send(&get("/conflict", port));
-    let r = c.response(false);
-    assert_eq!(r.status, 502);
-    assert!(r.body_text().contains("protocol"), "{}", r.body_text());
-    assert!(c.closed());
-    assert_eq!(
-        gw.metric("sandbox_gateway_upstream_errors_total{kind=\"protocol\"}"),
-        1.0
-    );
+    // Conflicting lengths and codings the client would not be told of are never passed on.
+    for (n, path) in ["/conflict", "/gzip-chunked"].into_iter().enumerate() {
+        let mut c = Client::connect(&gw);
+        c.send(&get(path, port));
+        let r = c.response(false);
+        assert_eq!(r.status, 502, "{path}");
+        assert!(r.body_text().contains("protocol"), "{}", r.body_text());
+        assert!(c.closed());
+        assert_eq!(
+            gw.metric("sandbox_gateway_upstream_errors_total{kind=\"protocol\"}"),
+            (n + 1) as f64
+        );
+    }
 }
 
 #[test]
