@@ -4,13 +4,13 @@
 # a random sandbox, side by side in one run (pinned as in run.sh: gateway alone on CPU 0, wrk and
 # the upstream on CPU 1; ROUNDS interleaved rounds, medians).
 #
-# Env: COUNT (1000000), ROUNDS (3), DURATION (5s), CONNECTIONS (50), SAVE (1).
+# Env: COUNT (1000000), ROUNDS (5), DURATION (5s), CONNECTIONS (50), SAVE (1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 COUNT=${COUNT:-1000000}
 SMALL=1000
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-5s}
 CONNECTIONS=${CONNECTIONS:-50}
 PROXY_CPU=0
