@@ -22,11 +22,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# A port no socket uses, never handed out twice by this script. Taken from below the kernel's
+# ephemeral range, so an outgoing connection cannot be holding it by the time it is bound.
 free_port() {
-  local p
+  local first lo hi p
+  read -r first _ < /proc/sys/net/ipv4/ip_local_port_range
+  if [ "$first" -gt 22000 ]; then lo=$((first - 12000)); hi=$((first - 1)); else lo=10000; hi=19999; fi
+  touch "$work/ports"
   while :; do
-    p=$(( (RANDOM % 20000) + 30000 ))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
+    p=$(( lo + RANDOM % (hi - lo + 1) ))
+    grep -qx "$p" "$work/ports" && continue
+    [ -n "$(ss -Htan "sport = :$p" 2>/dev/null)" ] && continue
+    echo "$p" >> "$work/ports"
+    echo "$p"
+    return
   done
 }
 
