@@ -30,7 +30,8 @@ use crate::conn::DeadlineStream;
 use crate::error::GatewayError;
 use crate::metrics::metrics;
 use crate::proxy::{
-    AccessRecord, Admitted, Gateway, RequestView, access_log, forwarded_for, hop_by_hop,
+    AccessRecord, Admitted, Gateway, MAX_CONNECTION_FIELDS, RequestView, access_log, forwarded_for,
+    hop_by_hop,
 };
 
 /// Header fields parsed per message; a request with more goes to the full path.
@@ -387,6 +388,7 @@ impl<'a> Plain<'a> {
         }
         let mut length = None;
         let mut close = false;
+        let mut connection_fields = 0;
         for field in req.headers.iter() {
             let name = field.name;
             if name.eq_ignore_ascii_case(TRANSFER_ENCODING.as_str())
@@ -407,6 +409,11 @@ impl<'a> Plain<'a> {
                 let n: usize = std::str::from_utf8(value).ok()?.parse().ok()?;
                 length = Some(n);
             } else if name.eq_ignore_ascii_case(CONNECTION.as_str()) {
+                // Every field it names must be dropped; `hop_by_hop` holds this many.
+                connection_fields += 1;
+                if connection_fields > MAX_CONNECTION_FIELDS {
+                    return None;
+                }
                 close |= field
                     .value
                     .split(|&b| b == b',')
@@ -1085,6 +1092,37 @@ mod tests {
             offset += part.len();
         }
         Ok(None)
+    }
+
+    fn plain(raw: &str) -> bool {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut fields);
+        assert!(req.parse(raw.as_bytes()).unwrap().is_complete(), "{raw}");
+        Plain::of(&req).is_some()
+    }
+
+    #[test]
+    fn only_plain_requests_take_the_lean_path() {
+        assert!(plain("GET /a?b=c HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(plain("POST / HTTP/1.1\r\nContent-Length: 65536\r\n\r\n"));
+        let connection = "Connection: keep-alive\r\n".repeat(MAX_CONNECTION_FIELDS);
+        assert!(plain(&format!("GET / HTTP/1.1\r\n{connection}\r\n")));
+        for other in [
+            format!("GET / HTTP/1.1\r\n{connection}Connection: x-more\r\n\r\n"),
+            "GET / HTTP/1.0\r\n\r\n".into(),
+            "GET http://x/ HTTP/1.1\r\n\r\n".into(),
+            "OPTIONS * HTTP/1.1\r\n\r\n".into(),
+            "CONNECT x:443 HTTP/1.1\r\n\r\n".into(),
+            "GET /\u{e9} HTTP/1.1\r\n\r\n".into(),
+            "POST / HTTP/1.1\r\nContent-Length: 65537\r\n\r\n".into(),
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\ncontent-length: 1\r\n\r\n".into(),
+            "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n".into(),
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".into(),
+            "GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n".into(),
+            "POST / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n".into(),
+        ] {
+            assert!(!plain(&other), "{other:?}");
+        }
     }
 
     #[test]
