@@ -59,6 +59,8 @@ pub enum Served {
 
 /// What comes after one request.
 enum Next {
+    /// The header is not complete yet.
+    Partial,
     KeepAlive,
     Close,
     HandOver,
@@ -98,41 +100,36 @@ impl Lean {
         let mut bufs = Buffers::default();
         let limit = self.gateway.limits.max_header_bytes;
         loop {
-            let head = loop {
-                if !buf.is_empty() {
-                    match header_end(&buf) {
-                        Some(Ok(n)) => break n,
-                        Some(Err(())) => return hand_over(down, buf),
-                        None if buf.len() > limit => return hand_over(down, buf),
-                        None => {}
+            if !buf.is_empty() {
+                let closing = *shutdown.borrow();
+                match self
+                    .exchange(down, &mut buf, peer, closing, &mut bufs)
+                    .await
+                {
+                    Next::Partial if buf.len() <= limit => {}
+                    Next::Partial | Next::HandOver => return hand_over(down, buf),
+                    Next::KeepAlive if !*shutdown.borrow() => {
+                        down.request_done();
+                        continue;
                     }
+                    Next::KeepAlive | Next::Close => return Served::Closed,
                 }
-                buf.reserve(4096);
-                match down.read_buf(&mut buf).await {
-                    Ok(0) if buf.is_empty() => return Served::Closed,
-                    Ok(0) | Err(_) => return hand_over(down, buf),
-                    Ok(_) => {}
-                }
-            };
-            let closing = *shutdown.borrow();
-            match self
-                .exchange(down, &mut buf, head, peer, closing, &mut bufs)
-                .await
-            {
-                Next::KeepAlive if !*shutdown.borrow() => down.request_done(),
-                Next::KeepAlive | Next::Close => return Served::Closed,
-                Next::HandOver => return hand_over(down, buf),
+            }
+            buf.reserve(4096);
+            match down.read_buf(&mut buf).await {
+                Ok(0) if buf.is_empty() => return Served::Closed,
+                Ok(0) | Err(_) => return hand_over(down, buf),
+                Ok(_) => {}
             }
         }
     }
 
-    /// One request whose header is `buf[..head]`: proxied, or left whole in `buf` for the
-    /// full path. The bytes the request used are removed from `buf`.
+    /// The request at the start of `buf`: proxied, or left whole in `buf` for the full path
+    /// (or for more bytes when its header is incomplete). The bytes it used are removed.
     async fn exchange(
         &self,
         down: &mut DeadlineStream,
         buf: &mut Vec<u8>,
-        head: usize,
         peer: Option<IpAddr>,
         closing: bool,
         bufs: &mut Buffers,
@@ -140,10 +137,11 @@ impl Lean {
         let start = Instant::now();
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Request::new(&mut fields);
-        if !matches!(parsed.parse(buf.get(..head).unwrap_or_default()), Ok(httparse::Status::Complete(n)) if n == head)
-        {
-            return Next::HandOver;
-        }
+        let head = match parsed.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Next::Partial,
+            Err(_) => return Next::HandOver,
+        };
         let Some(req) = Plain::of(&parsed) else {
             return Next::HandOver;
         };
@@ -347,17 +345,6 @@ struct Outcome {
     error: Option<&'static str>,
 }
 
-/// Where the request header in `buf` ends: `None` while incomplete, `Err` when it is not a
-/// request the lean path can read.
-fn header_end(buf: &[u8]) -> Option<Result<usize, ()>> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    match httparse::Request::new(&mut fields).parse(buf) {
-        Ok(httparse::Status::Complete(n)) => Some(Ok(n)),
-        Ok(httparse::Status::Partial) => None,
-        Err(_) => Some(Err(())),
-    }
-}
-
 /// A request the lean path can carry: its parts, borrowed from the header as read.
 struct Plain<'a> {
     method: &'a str,
@@ -513,17 +500,19 @@ fn write_request(out: &mut Vec<u8>, req: &Plain<'_>, admitted: &Admitted, target
         field_line(out, b"X-Forwarded-Host", host);
     }
     out.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
-    let forwarded = match (&admitted.forwarded, admitted.client) {
-        (Some(chain), _) => Some(chain.clone()),
-        (None, Some(client)) => Some(forwarded_for(
-            req.header_values("x-forwarded-for")
-                .filter_map(crate::proxy::visible),
-            client,
-        )),
-        (None, None) => None,
-    };
-    if let Some(forwarded) = forwarded {
-        field_line(out, b"X-Forwarded-For", forwarded.as_bytes());
+    match (&admitted.forwarded, admitted.client) {
+        (Some(chain), _) => field_line(out, b"X-Forwarded-For", chain.as_bytes()),
+        (None, Some(client)) => {
+            let prior = req
+                .header_values("x-forwarded-for")
+                .filter_map(crate::proxy::visible);
+            field_line(
+                out,
+                b"X-Forwarded-For",
+                forwarded_for(prior, client).as_bytes(),
+            );
+        }
+        (None, None) => {}
     }
     out.extend_from_slice(b"\r\n");
 }
