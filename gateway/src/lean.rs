@@ -765,13 +765,11 @@ async fn relay_body(
         chunk_out,
         remaining: framing_len(framing),
         chunks: ChunkScan::default(),
+        overrun: false,
     };
     let mut done = body
         .take(first, reply, &mut sent)
         .map_err(|()| (0, Some("protocol")))?;
-    // Bytes past the body's end mean the connection's state is unknown.
-    let mut clean = !matches!(framing, Framing::Length(_) | Framing::None)
-        || first.len() as u64 <= framing_len(framing);
     loop {
         if !reply.is_empty() {
             // The client's stream buffers writes: each piece goes out now (event streams).
@@ -782,7 +780,8 @@ async fn relay_body(
         if done {
             return Ok(Relayed {
                 sent,
-                reusable: clean && framing != Framing::Close,
+                // Bytes past the body's end leave the connection's state unknown.
+                reusable: !body.overrun && framing != Framing::Close,
             });
         }
         if read.is_empty() {
@@ -799,13 +798,9 @@ async fn relay_body(
             Ok(0) => return Err((sent, Some("closed"))),
             Ok(n) => {
                 let data = read.get(..n).unwrap_or_default();
-                let before = sent;
                 done = body
                     .take(data, reply, &mut sent)
                     .map_err(|()| (sent, Some("protocol")))?;
-                if done && matches!(framing, Framing::Length(_)) {
-                    clean &= sent - before == n;
-                }
             }
             Err(_) => return Err((sent, Some("read_error"))),
         }
@@ -819,29 +814,27 @@ struct Body {
     chunk_out: bool,
     remaining: u64,
     chunks: ChunkScan,
+    /// The sandbox sent bytes past the body's end.
+    overrun: bool,
 }
 
 impl Body {
     /// Appends what of `data` belongs to the body to `reply`; true when the body is complete.
+    /// Bytes past the end are dropped and noted in `overrun`.
     fn take(&mut self, data: &[u8], reply: &mut Vec<u8>, sent: &mut usize) -> Result<bool, ()> {
-        match self.framing {
-            Framing::None => Ok(true),
+        let (n, done) = match self.framing {
+            Framing::None => (0, true),
             Framing::Length(_) => {
                 let n = data
                     .len()
                     .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
-                reply.extend_from_slice(data.get(..n).unwrap_or_default());
                 self.remaining -= n as u64;
-                *sent += n;
-                Ok(self.remaining == 0)
+                (n, self.remaining == 0)
             }
-            Framing::Chunked => {
-                let end = self.chunks.feed(data)?;
-                let n = end.unwrap_or(data.len());
-                reply.extend_from_slice(data.get(..n).unwrap_or_default());
-                *sent += n;
-                Ok(end.is_some())
-            }
+            Framing::Chunked => match self.chunks.feed(data)? {
+                Some(end) => (end, true),
+                None => (data.len(), false),
+            },
             Framing::Close => {
                 if !data.is_empty() {
                     if self.chunk_out {
@@ -854,9 +847,13 @@ impl Body {
                     }
                     *sent += data.len();
                 }
-                Ok(false)
+                return Ok(false);
             }
-        }
+        };
+        reply.extend_from_slice(data.get(..n).unwrap_or_default());
+        *sent += n;
+        self.overrun |= n < data.len();
+        Ok(done)
     }
 }
 

@@ -110,6 +110,10 @@ fn serve(mut s: TcpStream, conn: usize) {
             "/chunked" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
                            5;x=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 11\r\n\r\n"
                 .to_owned(),
+            // A chunked body followed by bytes no request asked for.
+            "/chunked-extra" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                                 2\r\nok\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+                .to_owned(),
             "/gzip-chunked" => {
                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n".to_owned()
             }
@@ -319,6 +323,19 @@ fn every_response_framing_reaches_the_client_intact() {
         c.response(false)
             .body_text()
             .ends_with("path=/after-chunked body=")
+    );
+
+    // Bytes past a response's end: relayed no further, and the connection is not used again.
+    c.send(&get("/chunked-extra", port));
+    assert_eq!(c.response(false).body_text(), "ok");
+    c.send(&get("/after-extra", port));
+    let r = c.response(false);
+    assert_eq!(r.status, 200);
+    // Connection 1 ended with the close-delimited body, 2 with the bytes past the end.
+    assert!(
+        r.body_text().starts_with("conn=3 path=/after-extra"),
+        "{}",
+        r.body_text()
     );
 
     // An interim response is passed on; the final one follows.
