@@ -15,10 +15,12 @@ use std::time::Duration;
 use support::client::{Response, parse};
 use support::{Gateway, GatewayOptions, TempDir, batch_sandbox, unique_loopback};
 
-/// An upstream whose answer is chosen by the request path; counts the connections it accepted.
+/// An upstream whose answer is chosen by the request path; counts the connections it accepted
+/// and those it has closed.
 struct Scripted {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
 }
 
 fn header_end(buf: &[u8]) -> Option<usize> {
@@ -30,15 +32,36 @@ impl Scripted {
         let listener = TcpListener::bind((ip, 0)).unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (count, gone) = (accepted.clone(), closed.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 let n = count.fetch_add(1, Ordering::SeqCst) + 1;
-                std::thread::spawn(move || serve(stream, n));
+                let gone = gone.clone();
+                std::thread::spawn(move || {
+                    serve(stream, n);
+                    gone.fetch_add(1, Ordering::SeqCst);
+                });
             }
         });
-        Self { addr, accepted }
+        Self {
+            addr,
+            accepted,
+            closed,
+        }
+    }
+
+    /// Waits until the upstream has closed `n` connections.
+    fn wait_closed(&self, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while self.closed.load(Ordering::SeqCst) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n} connections not closed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     fn accepted(&self) -> usize {
@@ -384,12 +407,13 @@ fn every_response_framing_reaches_the_client_intact() {
 fn a_connection_the_sandbox_closed_while_idle_is_replaced_unseen() {
     let (gw, up, _dir) = setup(&[]);
     let port = up.addr.port();
-    for expected in ["conn=1", "conn=2", "conn=3"] {
+    for (i, expected) in ["conn=1", "conn=2", "conn=3"].into_iter().enumerate() {
         let mut c = Client::connect(&gw);
         c.send(&get("/once", port));
         let r = c.response(false);
         assert_eq!((r.status, r.body_text().as_str()), (200, expected));
-        std::thread::sleep(Duration::from_millis(50));
+        // The kept connection is dead before the next request takes it.
+        up.wait_closed(i + 1);
     }
     assert_eq!(
         gw.metric("sandbox_gateway_requests_total{class=\"5xx\",mode=\"header\"}"),
