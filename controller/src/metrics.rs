@@ -3,8 +3,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Histogram, IntCounter, IntGauge, histogram_opts, opts, register_histogram,
-    register_int_counter, register_int_gauge,
+    Histogram, IntCounter, IntCounterVec, IntGauge, histogram_opts, opts, register_histogram,
+    register_int_counter, register_int_counter_vec, register_int_gauge,
 };
 
 pub struct Metrics {
@@ -19,6 +19,10 @@ pub struct Metrics {
     pub events_dropped: IntCounter,
     /// Token Secrets read from the API server (the cache could not vouch for them).
     pub secret_reads: IntCounter,
+    /// OSEP-0009 renew intents taken off Redis, by outcome and (for `ignored`) reason.
+    pub renew_intents: IntCounterVec,
+    /// 1 while the renew-intent consumer is connected to Redis.
+    pub renew_redis_up: IntGauge,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -57,6 +61,17 @@ fn build() -> Result<Metrics, prometheus::Error> {
         secret_reads: register_int_counter!(opts!(
             "sandbox_controller_secret_reads_total",
             "Egress token Secrets read from the API server to check their content."
+        ))?,
+        renew_intents: register_int_counter_vec!(
+            opts!(
+                "sandbox_controller_renew_intents_total",
+                "OSEP-0009 renew intents taken off Redis: renewed, malformed, or ignored (with the reason)."
+            ),
+            &["outcome", "reason"]
+        )?,
+        renew_redis_up: register_int_gauge!(opts!(
+            "sandbox_controller_renew_redis_up",
+            "1 while the renew-intent consumer is connected to Redis."
         ))?,
     })
 }

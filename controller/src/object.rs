@@ -39,6 +39,32 @@ pub struct Spec {
     /// Why the spec could not be read; nothing is made for such a spec.
     #[serde(skip)]
     pub invalid: Option<String>,
+    /// Fields of the reference's spec that ask for a feature not built here (a pool, tasks,
+    /// shard patches, pausing); nothing is made for such a spec rather than something else.
+    #[serde(skip)]
+    pub unsupported: Vec<&'static str>,
+}
+
+/// The reference's spec fields this controller does not act on, and when a value asks for them.
+const UNBUILT_FIELDS: [(&str, &str); 5] = [
+    ("pause", "spec.pause: true (pause/resume)"),
+    ("poolRef", "spec.poolRef (pods from a pool)"),
+    ("taskTemplate", "spec.taskTemplate (tasks)"),
+    ("shardPatches", "spec.shardPatches"),
+    ("shardTaskPatches", "spec.shardTaskPatches"),
+];
+
+/// Whether a field's value asks for its feature: `pause: true`, a non-empty string, list or
+/// object; `null`, `false`, `""`, `[]` and `{}` ask for nothing.
+fn asks(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::String(s) => !s.trim().is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        Value::Number(_) => true,
+    }
 }
 
 /// The typed view of a spec, used only to read it.
@@ -56,12 +82,18 @@ struct Fields {
 impl<'de> Deserialize<'de> for Spec {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let raw = Value::deserialize(deserializer)?;
+        let unsupported = UNBUILT_FIELDS
+            .iter()
+            .filter(|(field, _)| raw.get(field).is_some_and(asks))
+            .map(|(_, what)| *what)
+            .collect();
         Ok(match serde_json::from_value::<Fields>(raw) {
             Ok(f) => Spec {
                 replicas: f.replicas,
                 expire_time: f.expire_time,
                 template: f.template.filter(|t| !t.is_null()),
                 invalid: None,
+                unsupported,
             },
             Err(e) => Spec {
                 invalid: Some(format!("spec: {e}")),
@@ -132,6 +164,7 @@ mod tests {
             1
         );
         assert_eq!(obj.status.unwrap()["ready"], 1);
+        assert_eq!(obj.spec.unsupported, ["spec.poolRef (pods from a pool)"]);
 
         let bad: BatchSandbox = serde_json::from_value(json!({
             "metadata": {"name": "bs"}, "spec": {"replicas": "two"},
@@ -144,6 +177,23 @@ mod tests {
         );
         let empty: BatchSandbox = serde_json::from_value(json!({"metadata": {}})).unwrap();
         assert_eq!(empty.spec, Spec::default());
+    }
+
+    #[test]
+    fn only_values_that_ask_for_a_feature_count() {
+        let spec = |v: Value| serde_json::from_value::<Spec>(v).unwrap().unsupported;
+        assert!(
+            spec(json!({"pause": false, "poolRef": "", "taskTemplate": null, "shardPatches": []}))
+                .is_empty()
+        );
+        assert_eq!(
+            spec(json!({"pause": true, "shardPatches": [{"a": 1}], "taskTemplate": {"spec": {}}})),
+            [
+                "spec.pause: true (pause/resume)",
+                "spec.taskTemplate (tasks)",
+                "spec.shardPatches"
+            ]
+        );
     }
 
     #[test]

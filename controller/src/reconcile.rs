@@ -231,6 +231,15 @@ async fn reconcile_inner(obj: &BatchSandbox, ctx: &Context) -> Result<Outcome, E
         reason: "InvalidSpec",
         message: message.clone(),
     });
+    if problem.is_none() && !spec.unsupported.is_empty() {
+        problem = Some(Problem {
+            reason: "UnsupportedFeature",
+            message: format!(
+                "{} not supported by this controller; no pods are made for this sandbox",
+                spec.unsupported.join(", ")
+            ),
+        });
+    }
     let expires_in = match expiry(spec.expire_time.as_deref()) {
         Expiry::Due => {
             tracing::info!(%namespace, %name, "expired; deleting");

@@ -2,13 +2,16 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
 use crate::access::{KeyError, KeyRing};
 use crate::ports::{PortSet, PortsError};
+use crate::renew::RenewConfig;
 use crate::upstream::UpstreamPolicy;
 use sandbox_api::net::{self, Cidr};
+use sandbox_api::renew;
 
 /// Environment variable read when `--secure-access-keys` is not given, so keys stay off argv.
 pub const ENV_SECURE_ACCESS_KEYS: &str = "OPENSANDBOX_SECURE_ACCESS_KEYS";
@@ -188,28 +191,38 @@ pub struct Config {
     /// Accepted for compatibility with the reference gateway and ignored: all namespaces are watched.
     #[arg(long, hide = true)]
     pub namespace: Option<String>,
-}
 
-/// Accepts the reference's Go-style single-dash long flags (`-port=28888`) by rewriting them to
-/// `--port=28888`; short flags are not used, so nothing is ambiguous.
-pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut values_only = false;
-    for (i, arg) in args.into_iter().enumerate() {
-        let single_dash_long = i > 0
-            && !values_only
-            && arg.len() > 2
-            && arg.starts_with('-')
-            && !arg.starts_with("--")
-            && arg.as_bytes()[1].is_ascii_alphabetic();
-        values_only |= arg == "--";
-        out.push(if single_dash_long {
-            format!("-{arg}")
-        } else {
-            arg
-        });
-    }
-    out
+    /// Publish OSEP-0009 renew intents to Redis for requests that reach a sandbox.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub renew_intent_enabled: bool,
+
+    /// Redis for renew intents: `redis://[user:password@]host[:port][/db]` or `unix:///path`.
+    #[arg(long, default_value = renew::DEFAULT_REDIS_DSN)]
+    pub renew_intent_redis_dsn: String,
+
+    /// Redis password, so it need not be in the DSN on the command line (wins over the DSN's).
+    #[arg(long, env = renew::ENV_REDIS_PASSWORD, hide_env_values = true, conflicts_with = "renew_intent_redis_password_file")]
+    pub renew_intent_redis_password: Option<String>,
+
+    /// File holding the Redis password (wins over the DSN's).
+    #[arg(long)]
+    pub renew_intent_redis_password_file: Option<PathBuf>,
+
+    /// The Redis list renew intents are pushed onto.
+    #[arg(long, default_value = renew::DEFAULT_QUEUE_KEY)]
+    pub renew_intent_queue_key: String,
+
+    /// The list is trimmed to this many entries after each push (0: no cap).
+    #[arg(long, default_value_t = 0)]
+    pub renew_intent_queue_max_len: u64,
+
+    /// At most one intent per sandbox in this many seconds (0: one per request).
+    #[arg(long, default_value_t = 60)]
+    pub renew_intent_min_interval: u64,
+
+    /// Intents held while Redis is slow or down; beyond this they are dropped (and counted).
+    #[arg(long, default_value_t = 8192)]
+    pub renew_intent_buffer: usize,
 }
 
 /// A flag value that passed parsing but cannot be used.
@@ -243,6 +256,14 @@ pub enum ConfigError {
     TrustedProxies(String),
     #[error("--auth-limiter-max-clients must be at least 1")]
     LimiterCapacity,
+    #[error("--renew-intent-redis-dsn: {0}")]
+    RedisDsn(String),
+    #[error("--renew-intent-redis-password-file {0}")]
+    RedisPasswordFile(String),
+    #[error("--renew-intent-queue-key must not be empty")]
+    EmptyQueueKey,
+    #[error("--renew-intent-buffer must be at least 1")]
+    RenewBuffer,
 }
 
 impl Config {
@@ -262,12 +283,42 @@ impl Config {
         if self.auth_limiter_max_clients == 0 {
             return Err(ConfigError::LimiterCapacity);
         }
+        self.renew()?;
         let keys = match (&self.secure_access_keys, &self.secure_access_keys_file) {
             (Some(text), _) => KeyRing::parse(text)?,
             (None, Some(path)) => read_keys_file(path)?,
             (None, None) => KeyRing::default(),
         };
         Ok((providers, keys))
+    }
+
+    /// The renew-intent publisher's settings, when it is on.
+    pub fn renew(&self) -> Result<Option<RenewConfig>, ConfigError> {
+        if !self.renew_intent_enabled {
+            return Ok(None);
+        }
+        if self.renew_intent_queue_key.trim().is_empty() {
+            return Err(ConfigError::EmptyQueueKey);
+        }
+        if self.renew_intent_buffer == 0 {
+            return Err(ConfigError::RenewBuffer);
+        }
+        let password = match &self.renew_intent_redis_password_file {
+            Some(path) => Some(renew::password_file(path).map_err(ConfigError::RedisPasswordFile)?),
+            None => self
+                .renew_intent_redis_password
+                .clone()
+                .filter(|p| !p.is_empty()),
+        };
+        let connection = renew::connection(&self.renew_intent_redis_dsn, password.as_deref())
+            .map_err(ConfigError::RedisDsn)?;
+        Ok(Some(RenewConfig {
+            connection,
+            queue_key: self.renew_intent_queue_key.clone(),
+            max_len: self.renew_intent_queue_max_len,
+            min_interval: Duration::from_secs(self.renew_intent_min_interval),
+            buffer: self.renew_intent_buffer,
+        }))
     }
 
     /// The dial policy; loopback is in the default only for the file provider.
@@ -345,9 +396,8 @@ mod tests {
 
     #[test]
     fn accepts_go_style_flags() {
-        let args = normalize_args(["gw", "-port=1", "-mode", "uri", "--", "-x"].map(String::from));
-        assert_eq!(args, ["gw", "--port=1", "--mode", "uri", "--", "-x"]);
-        let c = Config::try_parse_from(&args[..4]).unwrap();
+        let args = sandbox_api::cli::normalize(["gw", "-port=1", "-mode", "uri"].map(String::from));
+        let c = Config::try_parse_from(&args).unwrap();
         assert_eq!((c.port, c.mode), (1, Mode::Uri));
     }
 

@@ -18,6 +18,7 @@ pub mod ports;
 pub mod provider;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod renew;
 pub mod route;
 pub mod server;
 pub mod table;

@@ -1,5 +1,5 @@
 use clap::Parser;
-use gateway::config::{Config, normalize_args};
+use gateway::config::Config;
 use tracing_subscriber::EnvFilter;
 
 // Pingora's throughput depends on the allocator; see the performance table in the README.
@@ -34,7 +34,7 @@ fn allocator_options() {
 fn main() {
     #[cfg(feature = "mimalloc")]
     allocator_options();
-    let config = Config::parse_from(normalize_args(std::env::args()));
+    let config = Config::parse_from(sandbox_api::cli::normalize(std::env::args()));
     let level = match config.tracing_level() {
         Ok(level) => level,
         Err(e) => {

@@ -50,6 +50,11 @@ pub struct Metrics {
     pub provider_connected: IntGaugeVec,
     /// Time from an object's last write (API server clock, whole seconds) to its route being published.
     pub propagation: Histogram,
+    /// OSEP-0009 renew intents by outcome: `queued` (passed the per-sandbox throttle),
+    /// `published` (on the Redis list), `dropped` (the queue was full).
+    pub renew_intents: IntCounterVec,
+    /// 1 while the renew-intent publisher is connected to Redis.
+    pub renew_redis_up: IntGauge,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -168,6 +173,17 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "sandbox_gateway_route_propagation_seconds",
             "Time from an object's last write (API server clock, whole seconds) to its route being published.",
             vec![0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
+        ))?,
+        renew_intents: register_int_counter_vec!(
+            opts!(
+                "sandbox_gateway_renew_intents_total",
+                "OSEP-0009 renew intents: queued (passed the per-sandbox throttle), published (on the Redis list), dropped (queue full)."
+            ),
+            &["outcome"]
+        )?,
+        renew_redis_up: register_int_gauge!(opts!(
+            "sandbox_gateway_renew_redis_up",
+            "1 while the renew-intent publisher is connected to Redis."
         ))?,
     })
 }

@@ -20,6 +20,7 @@ use pingora::proxy::FailToProxy;
 use prometheus::{Histogram, IntCounter};
 use sandbox_api::names;
 use sandbox_api::net::{self, Cidr};
+use sandbox_api::renew;
 use sandbox_api::signing::SignatureError;
 
 use crate::access::{self, KeyRing};
@@ -31,6 +32,7 @@ use crate::error::GatewayError;
 use crate::limit::{Blocked, Budgets, FailureLimit};
 use crate::metrics::{self, metrics};
 use crate::ports::PortSet;
+use crate::renew::Renewer;
 use crate::route::{self, Route, RouteError};
 use crate::table::{Entry, RouteTable, State};
 
@@ -77,6 +79,8 @@ pub struct Gateway {
     /// Request counters by status class, resolved once so the hot path does no label lookup.
     by_class: [IntCounter; 6],
     duration: Histogram,
+    /// OSEP-0009: told of every request that passed its checks, when publishing is on.
+    renew: Option<Arc<Renewer>>,
 }
 
 /// A request the gateway answers itself without a route.
@@ -104,7 +108,14 @@ impl Gateway {
             limits,
             by_class: metrics::CLASSES.map(class),
             duration: metrics::duration_for(mode.label()),
+            renew: None,
         }
+    }
+
+    /// Publishes renew intents through `renewer` for the requests this gateway admits.
+    pub fn with_renewer(mut self, renewer: Option<Arc<Renewer>>) -> Self {
+        self.renew = renewer;
+        self
     }
 
     /// The route a request names, borrowed from its header.
@@ -231,6 +242,9 @@ impl Gateway {
             return Err(GatewayError::PortNotExposed(route.port));
         }
         if self.mode != Mode::Uri {
+            if let Some(renew) = &self.renew {
+                renew.observe(route.id, route.port, b"");
+            }
             return Ok(None);
         }
         // Signed segments are the gateway's own only for secure sandboxes; otherwise they are
@@ -240,7 +254,12 @@ impl Gateway {
         } else {
             route.rest
         };
-        Ok(Some(rewrite_path(rest, req.query())?))
+        let rewritten = rewrite_path(rest, req.query())?;
+        if let Some(renew) = &self.renew {
+            // The path as the reference reports it: decoded, without the query.
+            renew.observe(route.id, route.port, &renew::decode_path(rewritten.path()));
+        }
+        Ok(Some(rewritten))
     }
 
     /// The secure-access header or a signed route, under the failed-credential limiter.

@@ -26,6 +26,7 @@ use crate::provider::file;
 use crate::provider::file::FileProvider;
 use crate::provider::kubernetes::{Kind, KubeProvider};
 use crate::proxy::{Gateway, Limits, Proxy};
+use crate::renew::Renewer;
 use crate::table::{RouteTable, TableWriter};
 
 /// Validates the configuration, binds the listeners and serves until shut down.
@@ -55,13 +56,25 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
         trusted_proxies: config.trusted_proxies()?,
     };
 
-    let gateway = Arc::new(Gateway::new(
-        config.mode,
-        table.clone(),
-        keys.clone(),
-        drain.clone(),
-        limits,
-    ));
+    let mut background: Vec<(String, Box<dyn BackgroundService + Send + Sync>)> = Vec::new();
+    let renewer = match config.renew()? {
+        Some(renew) => {
+            let (renewer, publisher) = Renewer::new(renew).map_err(ConfigError::RedisDsn)?;
+            background.push(("renew-intent publisher".into(), Box::new(publisher)));
+            Some(renewer)
+        }
+        None => None,
+    };
+    let gateway = Arc::new(
+        Gateway::new(
+            config.mode,
+            table.clone(),
+            keys.clone(),
+            drain.clone(),
+            limits,
+        )
+        .with_renewer(renewer),
+    );
     let mut proxy = HttpProxy::new(Proxy(gateway.clone()), conf.clone());
     proxy.handle_init_modules();
     let app = HeaderDeadline {
@@ -84,7 +97,7 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
     server.add_service(metrics_service);
 
     let policy = Arc::new(config.upstream_policy()?);
-    let mut services: Vec<(String, Box<dyn BackgroundService + Send + Sync>)> = Vec::new();
+    let mut services = background;
     let mut sources = Vec::new();
     let writer_slot: Arc<Mutex<TableWriter>> =
         Arc::new(Mutex::new(TableWriter::new(table.clone(), [])));
@@ -156,6 +169,7 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
         port = config.port,
         metrics_port = config.metrics_port,
         mode = config.mode.label(),
+        renew_intents = config.renew_intent_enabled,
         "sandbox gateway starting"
     );
     server.bootstrap();

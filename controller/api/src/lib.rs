@@ -4,9 +4,11 @@
 //! header, annotation and resource name is defined exactly once.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod egress;
 pub mod endpoints;
 pub mod names;
 pub mod net;
 pub mod policy;
+pub mod renew;
 pub mod signing;

@@ -43,6 +43,7 @@ impl Controller {
                 "0",
             ])
             .args([
+                "--leader-elect",
                 "--lease-duration-seconds",
                 "3",
                 "--egress-image",
