@@ -45,6 +45,8 @@ use sandbox_api::egress::{MODE_DNS, MODE_DNS_NFT};
 #[command(
     name = "sandbox-controller",
     version,
+    // A flag given twice: the last wins, as with Go's flag package.
+    args_override_self = true,
     about = "BatchSandbox controller"
 )]
 struct Config {

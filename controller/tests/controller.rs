@@ -1022,3 +1022,305 @@ fn thousand_sandboxes() {
         start.elapsed()
     );
 }
+
+/// RFC 3339 of now plus `secs`.
+fn at(secs: i64) -> String {
+    (k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(secs))
+        .to_string()
+}
+
+/// Seconds from now to the object's `spec.expireTime`.
+fn expires_in(obj: &DynamicObject) -> i64 {
+    let t: k8s_openapi::jiff::Timestamp = obj.data["spec"]["expireTime"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    t.duration_since(k8s_openapi::jiff::Timestamp::now())
+        .as_secs()
+}
+
+const RENEW_KEY: &str = "opensandbox:renew:intent";
+
+#[test]
+fn renew_on_access_closes_the_loop() {
+    let env = Env::new("renew");
+    let redis = support::redis::Redis::start();
+    let dsn = redis.dsn();
+    let controller = Controller::start(
+        &env.plane,
+        &["--renew-intent-enabled", "--renew-intent-redis-dsn", &dsn],
+    );
+    let extend = "opensandbox.io/access-renew-extend-seconds";
+    let later = at(300);
+    for (name, annotations) in [
+        ("opted", json!({extend: "600"})),
+        ("plain", json!({})),
+        ("short", json!({extend: "30"})),
+        ("words", json!({extend: "ten minutes"})),
+    ] {
+        env.create(
+            name,
+            json!({"replicas": 1, "template": template(), "expireTime": later}),
+            annotations,
+        )
+        .unwrap();
+    }
+    let upstream = support::upstream::Upstream::start(support::unique_loopback(), 0);
+    let (ip, port) = (upstream.addr.ip().to_string(), upstream.addr.port());
+    for name in ["opted", "plain", "short", "words"] {
+        let pod = format!("{name}-0");
+        eventually(&format!("pod {pod}"), Duration::from_secs(20), || {
+            env.pod_names(name).contains(&pod).then_some(())
+        });
+        env.kubelet_ready(&pod, &ip);
+    }
+    let gw = support::kube_gateway(
+        &env.plane.kubeconfig,
+        "batchsandbox",
+        GatewayOptions {
+            extra: vec![
+                "--renew-intent-enabled".into(),
+                "--renew-intent-redis-dsn".into(),
+                dsn.clone(),
+            ],
+            ..Default::default()
+        },
+    );
+    gw.wait_ready();
+    let route = |name: &str| {
+        eventually(&format!("{name} routed"), Duration::from_secs(20), || {
+            let r = get(
+                gw.addr,
+                "/",
+                &[("Host", &format!("{name}-{port}.sandbox.test"))],
+            );
+            (r.status == 200).then_some(())
+        })
+    };
+    // Expiry 20 s away, then a request through the gateway.
+    env.patch_spec("opted", json!({"expireTime": at(20)}));
+    let before = expires_in(&env.get("opted").unwrap());
+    assert!(before <= 20, "{before}");
+    for name in ["opted", "plain", "short", "words"] {
+        route(name);
+    }
+    let renewed = eventually("opted renewed", Duration::from_secs(15), || {
+        let left = expires_in(&env.get("opted")?);
+        (left > 60).then_some(left)
+    });
+    assert!(
+        (590..=601).contains(&renewed),
+        "now + 600 s expected, {renewed} s left"
+    );
+    assert_eq!(
+        controller
+            .metric("sandbox_controller_renew_intents_total{outcome=\"renewed\",reason=\"\"}"),
+        1.0
+    );
+    // Not opted in, or opted in with a bad extension: untouched; the bad ones get an event.
+    for name in ["plain", "short", "words"] {
+        assert_eq!(
+            env.get(name).unwrap().data["spec"]["expireTime"],
+            later.as_str()
+        );
+    }
+    env.wait_event("renew", "InvalidRenewExtension");
+    let notes = env.event_notes("renew", "InvalidRenewExtension");
+    assert!(
+        notes
+            .iter()
+            .any(|(about, n)| about == "short" && n.contains("outside 300..86400")),
+        "{notes:?}"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|(about, n)| about == "words" && n.contains("not a whole number")),
+        "{notes:?}"
+    );
+    let ignored = |reason: &str| {
+        controller.metric(&format!(
+            "sandbox_controller_renew_intents_total{{outcome=\"ignored\",reason=\"{reason}\"}}"
+        ))
+    };
+    assert_eq!(ignored("not_opted_in"), 1.0);
+    assert_eq!(ignored("invalid_annotation"), 2.0);
+
+    // What a bad or stray entry of the list does: skipped and counted, nothing patched.
+    let expire_before = env.get("opted").unwrap().data["spec"]["expireTime"].clone();
+    redis.push(RENEW_KEY, "not json");
+    redis.push(
+        RENEW_KEY,
+        r#"{"sandbox_id":"opted","observed_at":"yesterday"}"#,
+    );
+    redis.push(
+        RENEW_KEY,
+        &format!(r#"{{"sandbox_id":"ghost","observed_at":"{}"}}"#, at(0)),
+    );
+    redis.push(
+        RENEW_KEY,
+        &format!(r#"{{"sandbox_id":"opted","observed_at":"{}"}}"#, at(-600)),
+    );
+    // Within five minutes but earlier than the last: never shortens.
+    redis.push(
+        RENEW_KEY,
+        &format!(r#"{{"sandbox_id":"opted","observed_at":"{}"}}"#, at(-240)),
+    );
+    eventually("bad entries counted", Duration::from_secs(10), || {
+        let malformed = controller
+            .metric("sandbox_controller_renew_intents_total{outcome=\"malformed\",reason=\"\"}");
+        (malformed == 2.0
+            && ignored("unknown_sandbox") == 1.0
+            && ignored("stale") == 1.0
+            && ignored("already_later") == 1.0)
+            .then_some(())
+    });
+    assert_eq!(
+        env.get("opted").unwrap().data["spec"]["expireTime"],
+        expire_before
+    );
+    assert_eq!(redis.len(RENEW_KEY), 0);
+    assert_eq!(controller.metric("sandbox_controller_renew_redis_up"), 1.0);
+}
+
+#[test]
+fn reference_chart_arguments_start_both_binaries() {
+    let env = Env::new("reference");
+    let probe = support::free_port();
+    // The reference chart's controller arguments (opensandbox-controller deployment, with
+    // every optional value set), the probe port made free.
+    let probe_addr = format!("--health-probe-bind-address=:{probe}");
+    let controller = Controller::start(
+        &env.plane,
+        &[
+            "--leader-elect",
+            &probe_addr,
+            "--zap-log-level=info",
+            "--kube-client-qps=100",
+            "--kube-client-burst=200",
+            "--image-committer-image=image-committer:v1",
+            "--containerd-socket-path=/run/containerd/containerd.sock",
+            "--commit-job-timeout=10m",
+            "--snapshot-registry=registry.example.com/snapshots",
+            "--snapshot-registry-insecure=true",
+            "--snapshot-push-secret=push",
+            "--resume-pull-secret=pull",
+            // Further reference flags an operator may have added.
+            "--metrics-bind-address=0",
+            "--metrics-secure=false",
+            "--concurrency=batchsandbox=8;pool=16",
+            "-enable-file-log",
+            "--zap-devel",
+        ],
+    );
+    assert_eq!(controller.health.port(), probe);
+    eventually("leader", Duration::from_secs(20), || {
+        controller
+            .log_text()
+            .contains("became leader")
+            .then_some(())
+    });
+    let log = controller.log_text();
+    for flag in [
+        "--image-committer-image",
+        "--containerd-socket-path",
+        "--commit-job-timeout",
+        "--snapshot-registry",
+        "--snapshot-registry-insecure",
+        "--snapshot-push-secret",
+        "--resume-pull-secret",
+        "--metrics-secure",
+        "--enable-file-log",
+        "--zap-devel",
+    ] {
+        let lines = log
+            .lines()
+            .filter(|l| {
+                l.contains("flag accepted and ignored") && l.contains(&format!("\"{flag}\""))
+            })
+            .count();
+        assert_eq!(lines, 1, "{flag} logged {lines} times:\n{log}");
+    }
+    assert!(log.contains("\"controller\":\"pool\""), "{log}");
+    assert!(
+        log.contains("\"listener\":\"metrics\"") && log.contains("listener off"),
+        "{log}"
+    );
+    // It still does its job.
+    env.create(
+        "bs",
+        json!({"replicas": 1, "template": template()}),
+        json!({}),
+    )
+    .unwrap();
+    eventually("pod", Duration::from_secs(20), || {
+        (env.pod_names("bs") == ["bs-0"]).then_some(())
+    });
+    // A spec asking for a feature not built here gets a condition, not pods.
+    env.create(
+        "pooled",
+        json!({"replicas": 1, "poolRef": "warm-pool", "template": template()}),
+        json!({}),
+    )
+    .unwrap();
+    let condition = eventually(
+        "UnsupportedFeature condition",
+        Duration::from_secs(20),
+        || {
+            let o = env.get("pooled")?;
+            o.data["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["reason"] == "UnsupportedFeature")
+                .cloned()
+        },
+    );
+    assert!(
+        condition["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.poolRef"),
+        "{condition}"
+    );
+    assert!(env.pod_names("pooled").is_empty());
+
+    // The reference chart's gateway arguments (opensandbox-server ingress-gateway), with the
+    // renew flags of the reference's README; the listen address made the test's own.
+    let redis = support::redis::Redis::start();
+    let ip = support::unique_loopback();
+    let keys = "a=c2VjcmV0LWtleS1ieXRlcy0zMg==";
+    let mut gw = std::process::Command::new(support::gateway_binary())
+        .args([
+            "--namespace=opensandbox",
+            "--port=28888",
+            "--provider-type=batchsandbox",
+            "--mode=header",
+            "--log-level=info",
+            &format!("--secure-access-keys={keys}"),
+            "--renew-intent-enabled",
+            "--renew-intent-redis-dsn",
+            &redis.dsn(),
+            "--renew-intent-min-interval",
+            "120",
+        ])
+        .args(["--bind", &ip.to_string(), "--metrics-port", "28889"])
+        .args(["--allowed-upstream-cidrs", "127.0.0.0/8"])
+        .arg("--kubeconfig")
+        .arg(&env.plane.kubeconfig)
+        .env_remove("KUBECONFIG")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = std::net::SocketAddr::new(ip, 28889);
+    let ready = eventually("gateway ready", Duration::from_secs(20), || {
+        support::client::blocking_get(metrics, "/readyz")
+            .ok()
+            .filter(|r| r.status == 200)
+    });
+    assert_eq!(ready.status, 200);
+    let probe = get(std::net::SocketAddr::new(ip, 28888), "/status.ok", &[]);
+    assert_eq!(probe.status, 200);
+    let _ = gw.kill();
+    let _ = gw.wait();
+}

@@ -56,6 +56,8 @@ pub enum Provider {
 #[command(
     name = "sandbox-gateway",
     version,
+    // A flag given twice: the last wins, as with Go's flag package.
+    args_override_self = true,
     about = "Ingress gateway for sandboxes on Kubernetes"
 )]
 pub struct Config {
