@@ -15,6 +15,8 @@ have nft || need+=(nftables)
 have dnsmasq || need+=(dnsmasq-base)
 have dig || need+=(dnsutils)
 have setpriv || need+=(util-linux)
+# Renew intents: the gateway and controller tests start a real redis-server.
+have redis-server || need+=(redis-server)
 for pkg in "$@"; do
   case "$pkg" in
     nginx) command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light) ;;

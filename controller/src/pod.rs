@@ -126,6 +126,7 @@ mod tests {
             secret: "bs-egress-token",
             mode: "dns",
             image: "egress:1",
+            sandbox: "bs",
         };
         let pod = build(&owner(&template, Some(egress)), 0);
         let containers = pod["spec"]["containers"].as_array().unwrap();

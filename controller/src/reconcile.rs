@@ -307,6 +307,7 @@ async fn reconcile_inner(obj: &BatchSandbox, ctx: &Context) -> Result<Outcome, E
             secret: &secret_name,
             mode: &ctx.egress_mode,
             image: &ctx.egress_image,
+            sandbox: name,
         });
     }
 

@@ -15,6 +15,9 @@ pub struct Egress<'a> {
     pub secret: &'a str,
     pub mode: &'a str,
     pub image: &'a str,
+    /// The BatchSandbox's name (`OPENSANDBOX_EGRESS_SANDBOX_ID`: in the sidecar's logs,
+    /// metrics and deny-webhook payloads).
+    pub sandbox: &'a str,
 }
 
 /// Seconds the sidecar has, probed every second, to apply its first rules before the kubelet
@@ -56,6 +59,7 @@ pub fn container(egress: &Egress<'_>) -> Value {
             }}},
             {"name": env::POLICY_FILE, "value": egress::STATE_POLICY_FILE},
             {"name": env::RUN_AS, "value": format!("{0}:{0}", egress::SIDECAR_UID)},
+            {"name": env::SANDBOX_ID, "value": egress.sandbox},
         ],
         // An emptyDir, so a restarted sidecar finds the API's changes (the pod bounds them).
         "volumeMounts": [{"name": egress::STATE_VOLUME, "mountPath": egress::STATE_DIR}],
@@ -91,6 +95,7 @@ mod tests {
         secret: "bs-egress-token",
         mode: "dns+nft",
         image: "egress:1",
+        sandbox: "bs",
     };
 
     #[test]
@@ -156,6 +161,7 @@ mod tests {
             "/var/egress/state/policy.json"
         );
         assert_eq!(find(env::RUN_AS)["value"], "65533:65533");
+        assert_eq!(find(env::SANDBOX_ID)["value"], EGRESS.sandbox);
         assert_eq!(
             find(env::TOKEN),
             &json!({"name": env::TOKEN, "valueFrom": {"secretKeyRef": {"name": "bs-egress-token", "key": "token"}}})

@@ -67,6 +67,12 @@ pub struct Config {
     /// Let answers pointing into private ranges through (the reference behaviour).
     pub allow_private_answers: bool,
     pub log_level: String,
+    /// The probe's question: `None` is `. NS`, else `<name> A`.
+    pub probe_name: Option<String>,
+    pub probe_interval: Duration,
+    pub deny_webhook: Option<crate::webhook::Target>,
+    /// `OPENSANDBOX_EGRESS_SANDBOX_ID`, as given (empty when unset).
+    pub sandbox_id: String,
     /// Problems that did not stop start-up (bad policy, bad mode); logged once logging is up.
     pub warnings: Vec<String>,
 }
@@ -83,6 +89,9 @@ pub enum ConfigError {
     PrivateCidrs(String),
     #[error("{DNS_LISTEN}: {0:?} is not a socket address")]
     DnsListen(String),
+
+    #[error("{DENY_WEBHOOK}: {url:?}: {reason}")]
+    DenyWebhook { url: String, reason: String },
 
     #[error("{POLICY_FILE}: cannot read {path}: {error}")]
     PolicyFileRead { path: String, error: std::io::Error },
@@ -222,8 +231,42 @@ impl Config {
             }),
         };
 
+        let probe_name = match get(DNS_UPSTREAM_PROBE) {
+            None => None,
+            Some(n) if n == "." => None,
+            Some(n) => match hickory_proto::rr::Name::from_ascii(&n) {
+                Ok(_) => Some(n),
+                Err(e) => {
+                    warnings.push(format!(
+                        "{DNS_UPSTREAM_PROBE}={n:?} is not a DNS name ({e}); probing with . NS"
+                    ));
+                    None
+                }
+            },
+        };
+        let probe_interval = Duration::from_secs(
+            get(DNS_UPSTREAM_PROBE_INTERVAL_SEC)
+                .and_then(|v| v.parse::<u64>().ok())
+                .filter(|v| *v >= 1)
+                .unwrap_or(30)
+                .min(3600),
+        );
+        let deny_webhook = match get(DENY_WEBHOOK) {
+            None => None,
+            Some(url) => Some(
+                crate::webhook::Target::parse(&url)
+                    .map_err(|reason| ConfigError::DenyWebhook { url, reason })?,
+            ),
+        };
+
         Ok(Config {
             mode,
+            probe_name,
+            probe_interval,
+            deny_webhook,
+            sandbox_id: env(SANDBOX_ID)
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default(),
             private_cidrs,
             allow_private_answers,
             policy,

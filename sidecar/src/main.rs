@@ -11,7 +11,8 @@ use sidecar::config::{Config, Mode};
 use sidecar::dns::{self, AnswerFilter, Proxy};
 use sidecar::nft::{self, Nft};
 use sidecar::state::State;
-use sidecar::{metrics, state};
+use sidecar::webhook::Webhook;
+use sidecar::{logskip, metrics, state};
 use tokio_util::sync::CancellationToken;
 
 const ALWAYS_POLL: Duration = Duration::from_millis(500);
@@ -25,16 +26,53 @@ fn init_logging(level: &str) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let id = std::env::var(sidecar::config::SANDBOX_ID).unwrap_or_default();
+    let prefix = match id.trim() {
+        "" => b"{".to_vec(),
+        id => format!("{{\"sandbox_id\":{},", serde_json::Value::from(id)).into_bytes(),
+    };
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
         .with_current_span(false)
         .with_env_filter(filter)
+        .with_writer(Tagged(prefix.into()))
         .init();
 }
 
-/// What the command line asks for: the sidecar takes its settings from the environment, so the
-/// only arguments are `--version` and `--help`; anything else is refused, never ignored.
+/// Stdout, with `"sandbox_id":…` first in every JSON line when `OPENSANDBOX_EGRESS_SANDBOX_ID`
+/// is set (the formatter writes each line in one call, starting with `{`).
+struct Tagged(Arc<[u8]>);
+
+struct TaggedWriter(Arc<[u8]>);
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Tagged {
+    type Writer = TaggedWriter;
+    fn make_writer(&'a self) -> TaggedWriter {
+        TaggedWriter(self.0.clone())
+    }
+}
+
+impl std::io::Write for TaggedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut out = std::io::stdout().lock();
+        match buf.strip_prefix(b"{") {
+            Some(rest) if self.0.len() > 1 => {
+                let mut line = Vec::with_capacity(self.0.len() + rest.len());
+                line.extend_from_slice(&self.0);
+                line.extend_from_slice(rest);
+                out.write_all(&line)?;
+            }
+            _ => out.write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
 fn command_line() -> Option<ExitCode> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args
@@ -160,15 +198,31 @@ async fn run(config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot install the nftables table: {e}"))?;
 
-    let proxy = Arc::new(Proxy::new(
-        state.clone(),
-        config.upstreams.clone(),
-        config.upstream_timeout,
-        AnswerFilter {
-            allow_private: config.allow_private_answers,
-            private_cidrs: config.private_cidrs.clone(),
-        },
-    ));
+    let proxy = Arc::new(
+        Proxy::new(
+            state.clone(),
+            config.upstreams.clone(),
+            config.upstream_timeout,
+            AnswerFilter {
+                allow_private: config.allow_private_answers,
+                private_cidrs: config.private_cidrs.clone(),
+            },
+        )
+        .with_probe(dns::Probe {
+            name: config.probe_name.clone(),
+            interval: config.probe_interval,
+        }),
+    );
+    if let Some(target) = config.deny_webhook.clone() {
+        proxy.set_webhook(Webhook::start(
+            target,
+            config.sandbox_id.clone(),
+            proxy.resolver(),
+        ));
+        tracing::info!("denied hostname webhook enabled");
+    }
+    let mut log_skip = logskip::Watcher::new(&config.rules_dir);
+    apply_log_skip(&proxy, &mut log_skip);
     // Every listener is bound before anything is served; a port that cannot be bound stops
     // the sidecar (non-zero exit, the kubelet restarts it) with the rules left in place.
     let (udp, tcp) = dns::bind(config.dns_listen)
@@ -204,6 +258,7 @@ async fn run(config: Config) -> Result<(), String> {
     tasks.spawn(async move { probing.probe(stop).await });
     tasks.spawn(api::serve(api, listener, cancel.clone()));
     tasks.spawn(watch_always(state.clone(), watcher, cancel.clone()));
+    tasks.spawn(watch_log_skip(proxy.clone(), log_skip, cancel.clone()));
 
     let policy = state.policy().await;
     tracing::info!(
@@ -254,6 +309,35 @@ async fn watch_always(state: Arc<State>, mut watcher: Watcher, cancel: Cancellat
             tracing::error!(error = %e, "always-rule change not applied; retrying");
             watcher.retry();
         }
+    }
+}
+
+/// Applies a change of `log_skip.always`, reporting lines it refused.
+fn apply_log_skip(proxy: &Proxy, watcher: &mut logskip::Watcher) {
+    if let Some((skip, errors)) = watcher.poll() {
+        for e in errors {
+            tracing::error!(error = %e, "log_skip.always line ignored");
+        }
+        tracing::info!(
+            patterns = skip.len(),
+            "outbound log skip patterns loaded from {}",
+            logskip::FILE
+        );
+        proxy.set_log_skip(skip);
+    }
+}
+
+async fn watch_log_skip(
+    proxy: Arc<Proxy>,
+    mut watcher: logskip::Watcher,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(ALWAYS_POLL) => {}
+        }
+        apply_log_skip(&proxy, &mut watcher);
     }
 }
 

@@ -7,7 +7,17 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
+/// Every metric carries `sandbox_id` when `OPENSANDBOX_EGRESS_SANDBOX_ID` is set, as the
+/// reference's do.
+pub static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
+    let id = std::env::var(crate::config::SANDBOX_ID).unwrap_or_default();
+    let id = id.trim();
+    if id.is_empty() {
+        return Registry::new();
+    }
+    let labels = std::collections::HashMap::from([("sandbox_id".to_owned(), id.to_owned())]);
+    Registry::new_custom(None, Some(labels)).unwrap_or_default()
+});
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(c: C) -> C {
     // Names are constants; registering twice is a programming error caught by the tests.
@@ -190,7 +200,27 @@ pub fn nft_update(kind: &str, ok: bool) {
 }
 
 /// Registers every metric, so all appear from the first scrape.
+/// Deny-webhook notifications by outcome: `delivered`, `refused` (3xx/4xx, not retried),
+/// `failed` (after the retries), `dropped` (the queue was full).
+pub static WEBHOOK: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "egress_deny_webhook_total",
+        "Deny-webhook notifications by outcome: delivered, refused, failed, dropped.",
+        &["outcome"],
+    )
+});
+
+/// Allowed lookups not logged because `log_skip.always` names them.
+pub static LOG_SKIPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "egress_dns_log_skipped_total",
+        "Allowed lookups whose log line was skipped because log_skip.always names them.",
+    )
+});
+
 pub fn init() {
+    LazyLock::force(&WEBHOOK);
+    LazyLock::force(&LOG_SKIPPED);
     LazyLock::force(&VERDICTS);
     LazyLock::force(&CACHE_HITS);
     LazyLock::force(&UPSTREAM_LATENCY);

@@ -25,6 +25,15 @@ pub mod env {
     pub const DNS_LISTEN: &str = "OPENSANDBOX_EGRESS_DNS_LISTEN";
     /// `<uid>:<gid>` the sidecar becomes after start-up, keeping only `NET_ADMIN`.
     pub const RUN_AS: &str = "OPENSANDBOX_EGRESS_RUN_AS";
+    /// The question the upstream probe asks: empty or `.` is `. NS`, anything else `<name> A`.
+    pub const DNS_UPSTREAM_PROBE: &str = "OPENSANDBOX_EGRESS_DNS_UPSTREAM_PROBE";
+    /// Seconds between probe rounds (1..3600, default 30).
+    pub const DNS_UPSTREAM_PROBE_INTERVAL_SEC: &str =
+        "OPENSANDBOX_EGRESS_DNS_UPSTREAM_PROBE_INTERVAL_SEC";
+    /// `http://` URL posted once per denied DNS query.
+    pub const DENY_WEBHOOK: &str = "OPENSANDBOX_EGRESS_DENY_WEBHOOK";
+    /// The sandbox's id, in every log line, metric and webhook payload.
+    pub const SANDBOX_ID: &str = "OPENSANDBOX_EGRESS_SANDBOX_ID";
 }
 
 /// Enforcement modes (`OPENSANDBOX_EGRESS_MODE`).

@@ -12,3 +12,4 @@ pub mod net;
 pub mod policy;
 pub mod renew;
 pub mod signing;
+pub mod time;

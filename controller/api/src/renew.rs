@@ -8,7 +8,7 @@
 //! that are not UTF-8 as U+FFFD).
 
 use std::fmt::Write as _;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
@@ -31,7 +31,7 @@ pub fn encode(sandbox_id: &str, observed_at: SystemTime, port: u16, request_uri:
     out.push_str("{\"sandbox_id\":");
     go_string(&mut out, sandbox_id.as_bytes());
     out.push_str(",\"observed_at\":\"");
-    rfc3339_nanos(&mut out, observed_at);
+    crate::time::write_rfc3339(&mut out, observed_at, true);
     out.push('"');
     if port != 0 {
         let _ = write!(out, ",\"port\":{port}");
@@ -74,45 +74,6 @@ fn go_string(out: &mut String, bytes: &[u8]) {
         }
     }
     out.push('"');
-}
-
-/// `2026-12-02T20:51:21.12345Z`: Go's `time.RFC3339Nano` in UTC.
-fn rfc3339_nanos(out: &mut String, at: SystemTime) {
-    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (year, month, day) = civil_from_days(days);
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    );
-    let mut nanos = since.subsec_nanos();
-    if nanos != 0 {
-        let mut digits = 9;
-        while nanos.is_multiple_of(10) {
-            nanos /= 10;
-            digits -= 1;
-        }
-        let _ = write!(out, ".{nanos:0digits$}");
-    }
-    out.push('Z');
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day)
 }
 
 /// An intent as read off the list. Unknown fields are ignored, as a newer publisher may add some.
@@ -220,6 +181,7 @@ pub fn decode_path(path: &str) -> std::borrow::Cow<'_, [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     fn at(secs: u64, nanos: u32) -> SystemTime {
         UNIX_EPOCH + Duration::new(secs, nanos)
@@ -241,21 +203,6 @@ mod tests {
             encode("s", at(0, 1), 1, b"/x<y>&\"\\\n\x01\xff\xe2\x80\xa8"),
             r#"{"sandbox_id":"s","observed_at":"1970-01-01T00:00:00.000000001Z","port":1,"request_uri":"/x\u003cy\u003e\u0026\"\\\n\u0001\ufffd\u2028"}"#
         );
-    }
-
-    #[test]
-    fn dates_across_leap_years_and_centuries() {
-        let day = |d: u64| {
-            let mut s = String::new();
-            rfc3339_nanos(&mut s, at(d * 86_400 + 3661, 0));
-            s
-        };
-        assert_eq!(day(11_016), "2000-02-29T01:01:01Z");
-        assert_eq!(day(11_017), "2000-03-01T01:01:01Z");
-        assert_eq!(day(47_540), "2100-02-28T01:01:01Z");
-        assert_eq!(day(47_541), "2100-03-01T01:01:01Z");
-        assert_eq!(day(20_818), "2026-12-31T01:01:01Z");
-        assert_eq!(day(20_819), "2027-01-01T01:01:01Z");
     }
 
     #[test]

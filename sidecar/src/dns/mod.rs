@@ -13,8 +13,10 @@ mod upstream;
 mod wire;
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
+
+use arc_swap::ArcSwap;
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::{RData, Record, RecordType};
@@ -23,10 +25,13 @@ use sandbox_api::policy::Action;
 use tokio_util::sync::CancellationToken;
 
 pub use server::{bind, serve};
+pub use upstream::Probe;
 
 use crate::engine::{Source, canonical};
+use crate::logskip::LogSkip;
 use crate::metrics::{self, Verdict};
 use crate::state::State;
+use crate::webhook::Webhook;
 use cache::Cache;
 use upstream::Upstreams;
 use wire::{HEADER_LEN, Refusal, encode, header_reply, min_ttl, refuse};
@@ -61,6 +66,22 @@ pub struct Proxy {
     upstreams: Arc<Upstreams>,
     cache: Cache,
     filter: AnswerFilter,
+    probe: Probe,
+    /// Names whose allowed lookups are not logged.
+    log_skip: ArcSwap<LogSkip>,
+    /// Told of every denied query, when configured.
+    webhook: OnceLock<Webhook>,
+}
+
+/// Resolves host names of the sidecar's own (the deny webhook's) through the upstreams,
+/// outside the sandbox's DNS path and its policy.
+#[derive(Clone)]
+pub struct Resolver(Arc<Upstreams>);
+
+impl Resolver {
+    pub async fn resolve(&self, host: &str) -> Option<IpAddr> {
+        self.0.resolve(host).await
+    }
 }
 
 /// What the answer's content says.
@@ -87,12 +108,37 @@ impl Proxy {
             upstreams: Arc::new(Upstreams::new(upstreams, timeout)),
             cache: Cache::default(),
             filter,
+            probe: Probe::default(),
+            log_skip: ArcSwap::default(),
+            webhook: OnceLock::new(),
         }
     }
 
-    /// Probes upstreams that stopped answering until `cancel` fires.
+    /// The upstream probe's question and interval.
+    pub fn with_probe(mut self, probe: Probe) -> Proxy {
+        self.probe = probe;
+        self
+    }
+
+    /// Probes the upstreams until `cancel` fires.
     pub async fn probe(&self, cancel: CancellationToken) {
-        self.upstreams.clone().probe(cancel).await;
+        self.upstreams
+            .clone()
+            .probe(self.probe.clone(), cancel)
+            .await;
+    }
+
+    pub fn resolver(&self) -> Resolver {
+        Resolver(self.upstreams.clone())
+    }
+
+    /// Posts every denied query to `webhook` from now on.
+    pub fn set_webhook(&self, webhook: Webhook) {
+        let _ = self.webhook.set(webhook);
+    }
+
+    pub fn set_log_skip(&self, skip: LogSkip) {
+        self.log_skip.store(Arc::new(skip));
     }
 
     /// The reply to one query, or `None` when nothing should be sent (not a query at all).
@@ -150,6 +196,7 @@ impl Proxy {
             hit.metadata.id = message.metadata.id;
             // The client's own spelling of the question (case may differ from the first asker).
             hit.queries = message.queries.clone();
+            self.log_allowed(&name, &hit);
             return Some(fit(hit, tcp, max_udp, query));
         }
 
@@ -180,6 +227,7 @@ impl Proxy {
             return Some(refuse(&message, query, Refusal::Failed));
         }
         metrics::query(Verdict::Allowed);
+        self.log_allowed(&name, &message_out);
         let rcode = message_out.metadata.response_code;
         if matches!(rcode, ResponseCode::NoError | ResponseCode::NXDomain)
             && !message_out.metadata.truncation
@@ -192,6 +240,31 @@ impl Proxy {
             return Some(raw);
         }
         Some(fit(message_out, tcp, max_udp, query))
+    }
+
+    /// The audit line of an allowed lookup (from the cache or an upstream), unless
+    /// `log_skip.always` names it.
+    fn log_allowed(&self, name: &str, answer: &Message) {
+        if self.log_skip.load().skips(name) {
+            metrics::LOG_SKIPPED.inc();
+            return;
+        }
+        let ips: Vec<IpAddr> = answer
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                _ => None,
+            })
+            .collect();
+        tracing::info!(
+            target: "audit",
+            event = "dns.allowed",
+            name,
+            addresses = ?ips,
+            "egress name allowed"
+        );
     }
 
     fn deny(
@@ -210,6 +283,9 @@ impl Proxy {
             by = source.as_str(),
             "egress name denied"
         );
+        if let Some(webhook) = self.webhook.get() {
+            webhook.denied(name);
+        }
         refuse(message, query, Refusal::Denied)
     }
 

@@ -22,7 +22,8 @@ use crate::metrics;
 
 /// Idle upstream sockets kept per upstream.
 const POOL_PER_UPSTREAM: usize = 64;
-/// How often upstreams that stopped answering are probed.
+/// How often upstreams that stopped answering are probed (at most; the probe interval when
+/// shorter).
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 pub struct Upstreams {
@@ -197,44 +198,115 @@ impl Upstreams {
         }
     }
 
-    /// Asks every upstream marked down for `. IN NS` every few seconds; any answer brings it
-    /// back to the front. Stops when `cancel` fires.
-    pub async fn probe(self: Arc<Self>, cancel: CancellationToken) {
-        let mut probe = Message::query();
-        probe.metadata.recursion_desired = true;
-        probe.add_query(hickory_proto::op::Query::query(
-            hickory_proto::rr::Name::root(),
-            RecordType::NS,
-        ));
-        let Ok(bytes) = probe.to_vec() else { return };
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+    /// One probe of upstream `index` with `question`: whether it answered at all (any
+    /// response code counts: the upstream is there).
+    async fn probe_one(&self, index: usize, question: &[u8]) -> Result<(), String> {
+        let sent = with_fresh_id(question);
+        let upstream = self.addrs[index];
+        let limit = self.timeout.min(Duration::from_secs(2));
+        let answered = tokio::time::timeout(limit, async {
+            let socket = udp_socket(upstream).await?;
+            socket.send(&sent).await?;
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = socket.recv(&mut buf).await?;
+                if answers(&sent, &buf[..n]) {
+                    return Ok::<_, std::io::Error>(());
+                }
             }
+        })
+        .await;
+        match answered {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {limit:?}")),
+        }
+    }
+
+    /// Asks every upstream `probe` every `interval` (as the reference: `. NS` or `<name> A`),
+    /// and those marked down every few seconds besides; an answer brings an upstream to the
+    /// front, a failure sends it to the back. Stops when `cancel` fires.
+    pub async fn probe(self: Arc<Self>, probe: Probe, cancel: CancellationToken) {
+        let mut message = Message::query();
+        message.metadata.recursion_desired = true;
+        let query = match probe
+            .name
+            .as_deref()
+            .map(hickory_proto::rr::Name::from_ascii)
+        {
+            Some(Ok(mut name)) => {
+                name.set_fqdn(true);
+                hickory_proto::op::Query::query(name, RecordType::A)
+            }
+            _ => hickory_proto::op::Query::query(hickory_proto::rr::Name::root(), RecordType::NS),
+        };
+        message.add_query(query);
+        let Ok(bytes) = message.to_vec() else { return };
+        let interval = probe.interval.max(Duration::from_secs(1));
+        let mut all = tokio::time::interval(interval);
+        let mut down = tokio::time::interval(PROBE_INTERVAL.min(interval));
+        loop {
+            let every = tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = all.tick() => true,
+                _ = down.tick() => false,
+            };
             for index in 0..self.addrs.len() {
-                if !self.down[index].load(Ordering::Relaxed) {
+                if !every && !self.down[index].load(Ordering::Relaxed) {
                     continue;
                 }
-                let sent = with_fresh_id(&bytes);
-                let upstream = self.addrs[index];
-                let answered =
-                    tokio::time::timeout(self.timeout.min(Duration::from_secs(2)), async {
-                        let socket = udp_socket(upstream).await?;
-                        socket.send(&sent).await?;
-                        let mut buf = vec![0u8; 4096];
-                        loop {
-                            let n = socket.recv(&mut buf).await?;
-                            if answers(&sent, &buf[..n]) {
-                                return Ok::<_, std::io::Error>(());
-                            }
+                match self.probe_one(index, &bytes).await {
+                    Ok(()) => self.mark(index, false),
+                    Err(failure) => {
+                        if every {
+                            tracing::warn!(upstream = %self.addrs[index], failure, "DNS upstream probe failed");
                         }
-                    })
-                    .await;
-                if matches!(answered, Ok(Ok(()))) {
-                    self.mark(index, false);
+                        self.mark(index, true);
+                    }
                 }
             }
+        }
+    }
+
+    /// An address of `host` (A, else AAAA), asked of the upstreams directly.
+    pub async fn resolve(&self, host: &str) -> Option<std::net::IpAddr> {
+        let mut name = hickory_proto::rr::Name::from_ascii(host).ok()?;
+        name.set_fqdn(true);
+        for kind in [RecordType::A, RecordType::AAAA] {
+            let mut message = Message::query();
+            message.metadata.recursion_desired = true;
+            message.add_query(hickory_proto::op::Query::query(name.clone(), kind));
+            let bytes = message.to_vec().ok()?;
+            let Some(raw) = self.forward(&bytes, false, 4096).await else {
+                continue;
+            };
+            let reply = Message::from_vec(&raw).ok()?;
+            let found = reply.answers.iter().find_map(|r| match &r.data {
+                hickory_proto::rr::RData::A(a) => Some(std::net::IpAddr::V4(a.0)),
+                hickory_proto::rr::RData::AAAA(a) => Some(std::net::IpAddr::V6(a.0)),
+                _ => None,
+            });
+            if found.is_some() {
+                return found;
+            }
+        }
+        None
+    }
+}
+
+/// What the upstream probe asks and how often.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// `None`: `. NS`; else `<name> A`.
+    pub name: Option<String>,
+    pub interval: Duration,
+}
+
+impl Default for Probe {
+    fn default() -> Probe {
+        Probe {
+            name: None,
+            interval: Duration::from_secs(30),
         }
     }
 }

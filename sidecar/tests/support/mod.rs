@@ -307,6 +307,33 @@ impl Lab {
         self.children.push(web);
     }
 
+    /// A webhook receiver (`examples/test-hook.rs`) on the upstream host answering `mode`
+    /// (`ok`, `fail`, `refuse`, `hang`) at `port`; returns the file it records requests in.
+    pub fn serve_hook(&mut self, port: u16, mode: &str) -> PathBuf {
+        let record = self.dir.join(format!("hook-{port}.jsonl"));
+        let hook = Command::new("ip")
+            .args(["netns", "exec", &self.upstream])
+            .arg(example("test-hook"))
+            .arg(format!("{DNS}:{port}"))
+            .arg(mode)
+            .arg(&record)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.children.push(hook);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = run(Command::new("ip")
+                .args(["netns", "exec", &self.upstream])
+                .args(["ss", "-Hltn", &format!("sport = :{port}")]));
+            if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+                return record;
+            }
+            assert!(Instant::now() < deadline, "test-hook did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts the sidecar with the lab's defaults plus `env` and waits up to `limit` for it to
     /// exit; `None` if it is still running then (it is killed).
     pub fn run_sidecar_to_exit(
