@@ -192,6 +192,27 @@ def test_front_door_values_become_flags(chart):
     assert "--trusted-proxy-cidrs=10.0.0.0/8,192.0.2.1" in args
 
 
+def test_renew_intent_values_become_flags_and_the_password_stays_off_argv(chart):
+    objects = render(chart, {})
+    assert not [a for a in gateway_container(objects)["args"] if "renew-intent" in a]
+    objects = render(chart, {"renewIntent": {
+        "enabled": True, "redisDsn": "redis://redis.cache:6380/2", "queueMaxLen": 1000,
+        "minIntervalSeconds": 30, "passwordSecret": "redis-auth",
+    }})
+    gateway = gateway_container(objects)
+    for flag in ["--renew-intent-enabled=true", "--renew-intent-redis-dsn=redis://redis.cache:6380/2",
+                 "--renew-intent-queue-key=opensandbox:renew:intent", "--renew-intent-queue-max-len=1000",
+                 "--renew-intent-min-interval=30"]:
+        assert flag in gateway["args"], gateway["args"]
+    controller = one(objects, "Deployment", "os-opensandbox-controller")["spec"]["template"]["spec"]["containers"][0]
+    assert "--renew-intent-enabled=true" in controller["args"]
+    assert "--renew-intent-redis-dsn=redis://redis.cache:6380/2" in controller["args"]
+    for container in (gateway, controller):
+        env = {e["name"]: e for e in container["env"]}
+        assert env["OPENSANDBOX_RENEW_INTENT_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == \
+            {"name": "redis-auth", "key": "password"}
+
+
 @pytest.mark.parametrize("values,where", [
     ({"gateway": {"mode": "path"}}, "/gateway/mode"),
     ({"gateway": {"workload": "StatefulSet"}}, "/gateway/workload"),
@@ -209,6 +230,8 @@ def test_front_door_values_become_flags(chart):
     ({"gateway": {"trustedProxyCidrs": ["lb"]}}, "/gateway/trustedProxyCidrs/0"),
     ({"gateway": {"proxyProtocol": "yes"}}, "/gateway/proxyProtocol"),
     ({"gateway": {"authLimiterMaxClients": 0}}, "/gateway/authLimiterMaxClients"),
+    ({"renewIntent": {"redisDsn": "http://redis:6379"}}, "/renewIntent/redisDsn"),
+    ({"renewIntent": {"minIntervalSeconds": -1}}, "/renewIntent/minIntervalSeconds"),
     ({"gatway": {}}, "gatway"),
 ])
 def test_schema_refuses_bad_values(chart, values, where):
