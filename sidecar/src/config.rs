@@ -13,6 +13,15 @@ pub use sandbox_api::egress::{DEFAULT_RULES_DIR, SOCKET_MARK};
 
 pub const DEFAULT_MAX_RULES: usize = 4096;
 
+/// The reference's settings of its mitmproxy mode, not built here.
+const MITM_SETTINGS: [&str; 5] = [
+    "OPENSANDBOX_EGRESS_MITMPROXY_TRANSPARENT",
+    "OPENSANDBOX_EGRESS_MITMPROXY_PORT",
+    "OPENSANDBOX_EGRESS_MITMPROXY_SCRIPT",
+    "OPENSANDBOX_EGRESS_MITMPROXY_UPSTREAM_TRUST_DIR",
+    "OPENSANDBOX_EGRESS_MITMPROXY_SSL_INSECURE",
+];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Dns,
@@ -251,6 +260,14 @@ impl Config {
                 .unwrap_or(30)
                 .min(3600),
         );
+        warnings.extend(identity_fields(&env).1);
+        for name in MITM_SETTINGS {
+            if get(name).is_some() {
+                warnings.push(format!(
+                    "{name} is not supported: TLS interception (mitmproxy) is not built into this sidecar; ignored"
+                ));
+            }
+        }
         let deny_webhook = match get(DENY_WEBHOOK) {
             None => None,
             Some(url) => Some(
@@ -288,6 +305,48 @@ impl Config {
             warnings,
         })
     }
+}
+
+/// The fields every log line and metric carries: `sandbox_id` from `OPENSANDBOX_EGRESS_SANDBOX_ID`,
+/// then the pairs of `OPENSANDBOX_EGRESS_METRICS_EXTRA_ATTRS` (`k=v,k2=v2`), and what was
+/// refused in them. A key must be a metric label name (`[A-Za-z_][A-Za-z0-9_]*`, not `__…`) and
+/// appear once; `sandbox_id` is the id's own.
+pub fn identity_fields(
+    env: impl Fn(&str) -> Option<String>,
+) -> (Vec<(String, String)>, Vec<String>) {
+    let mut fields = Vec::new();
+    let mut refused = Vec::new();
+    if let Some(id) = env(SANDBOX_ID)
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+    {
+        fields.push(("sandbox_id".to_owned(), id));
+    }
+    for pair in env(METRICS_EXTRA_ATTRS).unwrap_or_default().split(',') {
+        let pair = pair.trim();
+        if pair.is_empty() {
+            continue;
+        }
+        let Some((key, value)) = pair.split_once('=').map(|(k, v)| (k.trim(), v.trim())) else {
+            refused.push(format!(
+                "{METRICS_EXTRA_ATTRS}: {pair:?} is not key=value; ignored"
+            ));
+            continue;
+        };
+        let label =
+            key.bytes().enumerate().all(|(i, b)| {
+                b == b'_' || b.is_ascii_alphabetic() || (i > 0 && b.is_ascii_digit())
+            }) && !key.is_empty()
+                && !key.starts_with("__");
+        if !label || fields.iter().any(|(k, _)| k == key) {
+            refused.push(format!(
+                "{METRICS_EXTRA_ATTRS}: {key:?} is not a label name, or repeats one; ignored"
+            ));
+            continue;
+        }
+        fields.push((key.to_owned(), value.to_owned()));
+    }
+    (fields, refused)
 }
 
 pub fn deny_all() -> Policy {

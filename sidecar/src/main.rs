@@ -26,11 +26,16 @@ fn init_logging(level: &str) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let id = std::env::var(sidecar::config::SANDBOX_ID).unwrap_or_default();
-    let prefix = match id.trim() {
-        "" => b"{".to_vec(),
-        id => format!("{{\"sandbox_id\":{},", serde_json::Value::from(id)).into_bytes(),
-    };
+    let (fields, _) = sidecar::config::identity_fields(|k| std::env::var(k).ok());
+    let mut prefix = String::from("{");
+    for (key, value) in fields {
+        prefix.push_str(&format!(
+            "{}:{},",
+            serde_json::Value::from(key),
+            serde_json::Value::from(value)
+        ));
+    }
+    let prefix = prefix.into_bytes();
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
@@ -40,8 +45,8 @@ fn init_logging(level: &str) {
         .init();
 }
 
-/// Stdout, with `"sandbox_id":…` first in every JSON line when `OPENSANDBOX_EGRESS_SANDBOX_ID`
-/// is set (the formatter writes each line in one call, starting with `{`).
+/// Stdout, with `"sandbox_id":…` and the extra attributes first in every JSON line when they
+/// are set (the formatter writes each line in one call, starting with `{`).
 struct Tagged(Arc<[u8]>);
 
 struct TaggedWriter(Arc<[u8]>);

@@ -7,16 +7,13 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-/// Every metric carries `sandbox_id` when `OPENSANDBOX_EGRESS_SANDBOX_ID` is set, as the
-/// reference's do.
+/// Every metric carries `sandbox_id` and the extra attributes, when set, as the reference's do.
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
-    let id = std::env::var(crate::config::SANDBOX_ID).unwrap_or_default();
-    let id = id.trim();
-    if id.is_empty() {
+    let (fields, _) = crate::config::identity_fields(|k| std::env::var(k).ok());
+    if fields.is_empty() {
         return Registry::new();
     }
-    let labels = std::collections::HashMap::from([("sandbox_id".to_owned(), id.to_owned())]);
-    Registry::new_custom(None, Some(labels)).unwrap_or_default()
+    Registry::new_custom(None, Some(fields.into_iter().collect())).unwrap_or_default()
 });
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(c: C) -> C {

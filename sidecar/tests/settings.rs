@@ -80,6 +80,11 @@ fn deny_webhook_posts_each_denied_name_with_the_reference_fields() {
             &format!("http://{DNS}:8099/deny?src=egress"),
         ),
         ("OPENSANDBOX_EGRESS_SANDBOX_ID", SANDBOX_ID),
+        (
+            "OPENSANDBOX_EGRESS_METRICS_EXTRA_ATTRS",
+            "team=ml, bad key=x,region=eu-1",
+        ),
+        ("OPENSANDBOX_EGRESS_MITMPROXY_TRANSPARENT", "true"),
     ]);
     assert_eq!(lab.dig("allowed.test", &[]).0, "NOERROR");
     assert_eq!(lab.dig("blocked.test", &[]).0, "NXDOMAIN");
@@ -127,16 +132,31 @@ fn deny_webhook_posts_each_denied_name_with_the_reference_fields() {
     let lines: Vec<&str> = log.lines().filter(|l| l.starts_with('{')).collect();
     assert!(!lines.is_empty());
     for line in &lines {
-        assert!(line.starts_with(r#"{"sandbox_id":"sbx-42","#), "{line}");
+        assert!(
+            line.starts_with(r#"{"sandbox_id":"sbx-42","team":"ml","region":"eu-1","#),
+            "{line}"
+        );
         serde_json::from_str::<Value>(line).unwrap();
     }
     assert!(log.contains("denied hostname webhook enabled"));
+    assert!(log.contains(r#"\"bad key\" is not a label name"#), "{log}");
+    assert!(
+        log.contains("OPENSANDBOX_EGRESS_MITMPROXY_TRANSPARENT is not supported"),
+        "{log}"
+    );
     let (status, metrics) = lab.api("GET", "/metrics", None, Some(TOKEN));
     assert_eq!(status, 200);
-    assert!(
-        metrics.contains(r#"egress_deny_webhook_total{outcome="delivered",sandbox_id="sbx-42"} 3"#),
-        "{metrics}"
-    );
+    // Constant labels come in no fixed order.
+    let delivered = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("egress_deny_webhook_total{") && l.contains(r#"outcome="delivered""#)
+        })
+        .unwrap_or_else(|| panic!("{metrics}"));
+    for label in [r#"sandbox_id="sbx-42""#, r#"team="ml""#, r#"region="eu-1""#] {
+        assert!(delivered.contains(label), "{delivered}");
+    }
+    assert!(delivered.ends_with(" 3"), "{delivered}");
 }
 
 #[test]

@@ -34,6 +34,8 @@ pub mod env {
     pub const DENY_WEBHOOK: &str = "OPENSANDBOX_EGRESS_DENY_WEBHOOK";
     /// The sandbox's id, in every log line, metric and webhook payload.
     pub const SANDBOX_ID: &str = "OPENSANDBOX_EGRESS_SANDBOX_ID";
+    /// `k=v,k2=v2`: more fields of every log line and labels of every metric.
+    pub const METRICS_EXTRA_ATTRS: &str = "OPENSANDBOX_EGRESS_METRICS_EXTRA_ATTRS";
 }
 
 /// Enforcement modes (`OPENSANDBOX_EGRESS_MODE`).

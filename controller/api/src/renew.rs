@@ -227,6 +227,20 @@ mod tests {
         assert_eq!(extra.port, 0);
     }
 
+    #[cfg(feature = "redis")]
+    #[test]
+    fn dsns_and_passwords() {
+        assert!(connection("redis://127.0.0.1:6379/0", None).is_ok());
+        assert!(connection("unix:///run/redis.sock", None).is_ok());
+        for bad in ["rediss://h:6379/0", "http://h:6379", "redis://h:port/0", "h:6379"] {
+            let e = connection(bad, None).unwrap_err();
+            assert!(!e.contains(bad), "the DSN is repeated: {e}");
+        }
+        let info = connection("redis://:old@h/1", Some("new")).unwrap();
+        assert_eq!(info.redis_settings().password(), Some("new"));
+        assert_eq!(info.redis_settings().db(), 1);
+    }
+
     #[test]
     fn extension_bounds() {
         assert_eq!(extend_seconds("300"), Ok(300));
