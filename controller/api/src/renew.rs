@@ -232,7 +232,12 @@ mod tests {
     fn dsns_and_passwords() {
         assert!(connection("redis://127.0.0.1:6379/0", None).is_ok());
         assert!(connection("unix:///run/redis.sock", None).is_ok());
-        for bad in ["rediss://h:6379/0", "http://h:6379", "redis://h:port/0", "h:6379"] {
+        for bad in [
+            "rediss://h:6379/0",
+            "http://h:6379",
+            "redis://h:port/0",
+            "h:6379",
+        ] {
             let e = connection(bad, None).unwrap_err();
             assert!(!e.contains(bad), "the DSN is repeated: {e}");
         }
