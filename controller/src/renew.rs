@@ -27,6 +27,8 @@ const POP_WAIT_SECONDS: f64 = 5.0;
 const REDIS_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// An intent is a hundred bytes or so; anything far larger on the list is not one.
+const MAX_PAYLOAD: usize = 64 * 1024;
 /// Conflicting writers are rare; after this many 409s the intent is given up (counted).
 const ATTEMPTS: usize = 3;
 
@@ -123,6 +125,9 @@ impl Consumer {
     }
 
     async fn handle(&self, payload: &[u8], now: Timestamp) -> Outcome {
+        if payload.len() > MAX_PAYLOAD {
+            return Outcome::Malformed;
+        }
         let intent = match renew::decode(payload) {
             Ok(i) => i,
             Err(e) => {

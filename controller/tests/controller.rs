@@ -1191,6 +1191,7 @@ fn reference_chart_arguments_start_both_binaries() {
     // The reference chart's controller arguments (opensandbox-controller deployment, with
     // every optional value set), the probe port made free.
     let probe_addr = format!("--health-probe-bind-address=:{probe}");
+    let nowhere = format!("redis://{}/0", support::redis::Redis::nowhere());
     let controller = Controller::start(
         &env.plane,
         &[
@@ -1212,6 +1213,10 @@ fn reference_chart_arguments_start_both_binaries() {
             "--concurrency=batchsandbox=8;pool=16",
             "-enable-file-log",
             "--zap-devel",
+            // A Redis that is not there: the controller runs and says so.
+            "--renew-intent-enabled",
+            "--renew-intent-redis-dsn",
+            &nowhere,
         ],
     );
     assert_eq!(controller.health.port(), probe);
@@ -1243,6 +1248,13 @@ fn reference_chart_arguments_start_both_binaries() {
         assert_eq!(lines, 1, "{flag} logged {lines} times:\n{log}");
     }
     assert!(log.contains("\"controller\":\"pool\""), "{log}");
+    eventually("Redis down reported", Duration::from_secs(10), || {
+        controller
+            .log_text()
+            .contains("Redis unavailable")
+            .then_some(())
+    });
+    assert_eq!(controller.metric("sandbox_controller_renew_redis_up"), 0.0);
     assert!(
         log.contains("\"listener\":\"metrics\"") && log.contains("listener off"),
         "{log}"

@@ -12,6 +12,7 @@
 //! path and its policy.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -131,6 +132,9 @@ impl Target {
 /// The queue side, held by the DNS proxy.
 pub struct Webhook {
     tx: mpsc::Sender<String>,
+    /// A drop was logged since the queue last took a name: a sandbox flooding denied names
+    /// must not flood the log twice over (each denial is already an audit line).
+    drop_logged: AtomicBool,
 }
 
 impl Webhook {
@@ -138,17 +142,24 @@ impl Webhook {
     pub fn start(target: Target, sandbox_id: String, resolve: Resolver) -> Webhook {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(worker(rx, target, sandbox_id, resolve));
-        Webhook { tx }
+        Webhook {
+            tx,
+            drop_logged: AtomicBool::new(false),
+        }
     }
 
     /// Queues a denied name; never waits.
     pub fn denied(&self, hostname: &str) {
         let name = hostname.trim_end_matches('.').to_ascii_lowercase();
-        if self.tx.try_send(name).is_err() {
-            metrics::WEBHOOK.with_label_values(&["dropped"]).inc();
+        if self.tx.try_send(name).is_ok() {
+            self.drop_logged.store(false, Ordering::Relaxed);
+            return;
+        }
+        metrics::WEBHOOK.with_label_values(&["dropped"]).inc();
+        if !self.drop_logged.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 hostname,
-                "deny webhook queue full; dropping the notification"
+                "deny webhook queue full; dropping notifications until it drains (counted in egress_deny_webhook_total)"
             );
         }
     }

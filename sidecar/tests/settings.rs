@@ -189,6 +189,18 @@ fn a_hanging_or_failing_webhook_does_not_slow_dns() {
         denied_batch(&lab, &format!("warm-{mode}"), 5);
         let took = best(&lab, mode);
         measured.push((mode, took));
+        if mode == "hang" {
+            // 600 denials behind a hook that never answers: the queue is full, the excess is
+            // dropped, counted, and logged once.
+            let (_, metrics) = lab.api("GET", "/metrics", None, Some(TOKEN));
+            let dropped = metrics
+                .lines()
+                .find(|l| l.starts_with(r#"egress_deny_webhook_total{outcome="dropped"}"#))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            assert!(dropped > 0, "{metrics}");
+            assert_eq!(lab.log().matches("deny webhook queue full").count(), 1);
+        }
         lab.kill_sidecar();
     }
     for (mode, took) in &measured {

@@ -254,7 +254,10 @@ impl Lab {
         // Both up before any test step (no sidecar yet, so the sandbox reaches them directly).
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let dns = lab.dig("allowed.test", &[]).0 == "NOERROR";
+            // From a fixed source port outside the ephemeral range: the conntrack entry this
+            // flow leaves (not redirected, as no sidecar runs yet) lives on for 30 s, and a
+            // later query that happened to reuse its port would follow it to dnsmasq directly.
+            let dns = lab.dig("allowed.test", &["-b", "198.51.100.1#20053"]).0 == "NOERROR";
             if dns && lab.http(BLOCKED_IP) && lab.http(BLOCKED_IP6) {
                 break;
             }
