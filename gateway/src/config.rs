@@ -9,6 +9,7 @@ use clap::{Parser, ValueEnum};
 use crate::access::{KeyError, KeyRing};
 use crate::ports::{PortSet, PortsError};
 use crate::renew::RenewConfig;
+use crate::tls::{Certificates, Pair};
 use crate::upstream::UpstreamPolicy;
 use sandbox_api::net::{self, Cidr};
 use sandbox_api::renew;
@@ -225,6 +226,19 @@ pub struct Config {
     /// Intents held while Redis is slow or down; beyond this they are dropped (and counted).
     #[arg(long, default_value_t = 8192)]
     pub renew_intent_buffer: usize,
+
+    /// PEM certificate chain served on `--tls-port`; repeat it (with `--tls-key-file`) for more
+    /// pairs, chosen per handshake by SNI. Reloaded when the files change.
+    #[arg(long)]
+    pub tls_cert_file: Vec<PathBuf>,
+
+    /// PEM private key of the `--tls-cert-file` at the same position.
+    #[arg(long)]
+    pub tls_key_file: Vec<PathBuf>,
+
+    /// Port of the TLS listener, opened when certificates are given (beside `--port`).
+    #[arg(long, default_value_t = 28443)]
+    pub tls_port: u16,
 }
 
 /// A flag value that passed parsing but cannot be used.
@@ -266,6 +280,18 @@ pub enum ConfigError {
     EmptyQueueKey,
     #[error("--renew-intent-buffer must be at least 1")]
     RenewBuffer,
+    #[error(
+        "--tls-cert-file and --tls-key-file come in pairs: {certs} certificate(s), {keys} key(s)"
+    )]
+    TlsPairs { certs: usize, keys: usize },
+    #[error("--tls-cert-file/--tls-key-file: {0}")]
+    Tls(String),
+    #[error("--tls-port must differ from --port and --metrics-port")]
+    TlsPort,
+    #[error(
+        "--proxy-protocol with TLS is not supported yet (the PROXY header precedes the handshake)"
+    )]
+    TlsProxyProtocol,
 }
 
 impl Config {
@@ -286,6 +312,7 @@ impl Config {
             return Err(ConfigError::LimiterCapacity);
         }
         self.renew()?;
+        self.tls()?;
         let keys = match (&self.secure_access_keys, &self.secure_access_keys_file) {
             (Some(text), _) => KeyRing::parse(text)?,
             (None, Some(path)) => read_keys_file(path)?,
@@ -321,6 +348,35 @@ impl Config {
             min_interval: Duration::from_secs(self.renew_intent_min_interval),
             buffer: self.renew_intent_buffer,
         }))
+    }
+
+    /// The TLS pairs and their certificates loaded once (a bad pair refuses start-up), or
+    /// `None` when no certificate is given.
+    pub fn tls(&self) -> Result<Option<(Vec<Pair>, Certificates)>, ConfigError> {
+        let (certs, keys) = (self.tls_cert_file.len(), self.tls_key_file.len());
+        if certs != keys {
+            return Err(ConfigError::TlsPairs { certs, keys });
+        }
+        if certs == 0 {
+            return Ok(None);
+        }
+        if self.tls_port == self.port || self.tls_port == self.metrics_port {
+            return Err(ConfigError::TlsPort);
+        }
+        if self.proxy_protocol {
+            return Err(ConfigError::TlsProxyProtocol);
+        }
+        let pairs: Vec<Pair> = self
+            .tls_cert_file
+            .iter()
+            .zip(&self.tls_key_file)
+            .map(|(cert, key)| Pair {
+                cert: cert.clone(),
+                key: key.clone(),
+            })
+            .collect();
+        let loaded = Certificates::load(&pairs).map_err(ConfigError::Tls)?;
+        Ok(Some((pairs, loaded)))
     }
 
     /// The dial policy; loopback is in the default only for the file provider.

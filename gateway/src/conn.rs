@@ -218,7 +218,17 @@ impl UniqueID for DeadlineStream {
     }
 }
 
-impl Ssl for DeadlineStream {}
+impl Ssl for DeadlineStream {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+    fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
 
 impl GetTimingDigest for DeadlineStream {
     fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {

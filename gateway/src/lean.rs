@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use http::header::{
     CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HOST, HeaderName, TRANSFER_ENCODING, UPGRADE,
 };
-use pingora::protocols::GetSocketDigest;
 use pingora::protocols::http::date::get_cached_date;
+use pingora::protocols::{GetSocketDigest, Ssl};
 use pingora::server::ShutdownWatch;
 use sandbox_api::names;
 use sandbox_api::net;
@@ -217,7 +217,8 @@ impl Lean {
             outcome.target = Some(target);
             tries += 1;
             bufs.out.clear();
-            write_request(&mut bufs.out, req, admitted, target);
+            let tls = down.get_ssl().is_some();
+            write_request(&mut bufs.out, req, admitted, target, tls);
             bufs.out.extend_from_slice(body);
             // A kept-alive connection may have been closed by the sandbox meanwhile: then the
             // request goes once more on a fresh one.
@@ -467,7 +468,13 @@ const REPLACED: [&str; 7] = [
 /// The request line and header as the sandbox sees them (the same fields the full path
 /// sends): hop-by-hop fields dropped, the routing and credential fields removed, `Host` the
 /// sandbox's own address, `X-Forwarded-*` set.
-fn write_request(out: &mut Vec<u8>, req: &Plain<'_>, admitted: &Admitted, target: SocketAddr) {
+fn write_request(
+    out: &mut Vec<u8>,
+    req: &Plain<'_>,
+    admitted: &Admitted,
+    target: SocketAddr,
+    tls: bool,
+) {
     use std::io::Write;
     let dropped = hop_by_hop(
         req.header_values(CONNECTION.as_str())
@@ -499,7 +506,11 @@ fn write_request(out: &mut Vec<u8>, req: &Plain<'_>, admitted: &Admitted, target
     if let Some(host) = host {
         field_line(out, b"X-Forwarded-Host", host);
     }
-    out.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
+    out.extend_from_slice(if tls {
+        b"X-Forwarded-Proto: https\r\n"
+    } else {
+        b"X-Forwarded-Proto: http\r\n"
+    });
     match (&admitted.forwarded, admitted.client) {
         (Some(chain), _) => field_line(out, b"X-Forwarded-For", chain.as_bytes()),
         (None, Some(client)) => {

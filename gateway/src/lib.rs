@@ -22,5 +22,6 @@ pub mod renew;
 pub mod route;
 pub mod server;
 pub mod table;
+pub mod tls;
 pub mod upstream;
 pub mod watch;

@@ -55,6 +55,10 @@ pub struct Metrics {
     pub renew_intents: IntCounterVec,
     /// 1 while the renew-intent publisher is connected to Redis.
     pub renew_redis_up: IntGauge,
+    /// Seconds until each TLS certificate in force expires, by its first name.
+    pub tls_expiry: IntGaugeVec,
+    /// Certificate reloads that failed and kept the previous certificates.
+    pub tls_reload_errors: IntCounter,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -184,6 +188,17 @@ fn build() -> Result<Metrics, prometheus::Error> {
         renew_redis_up: register_int_gauge!(opts!(
             "sandbox_gateway_renew_redis_up",
             "1 while the renew-intent publisher is connected to Redis."
+        ))?,
+        tls_expiry: register_int_gauge_vec!(
+            opts!(
+                "sandbox_gateway_tls_certificate_expiry_seconds",
+                "Seconds until each TLS certificate in force expires (negative: expired), by its first name."
+            ),
+            &["certificate"]
+        )?,
+        tls_reload_errors: register_int_counter!(opts!(
+            "sandbox_gateway_tls_reload_errors_total",
+            "TLS certificate reloads that failed and kept the previous certificates."
         ))?,
     })
 }

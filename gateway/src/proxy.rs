@@ -50,6 +50,7 @@ const SECURE_ACCESS: HeaderName = HeaderName::from_static(names::HEADER_SECURE_A
 const POWERED_BY: HeaderName = HeaderName::from_static(names::HEADER_POWERED_BY);
 const POWERED_BY_VALUE: HeaderValue = HeaderValue::from_static(names::POWERED_BY_VALUE);
 const PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
+const PROTO_HTTPS: HeaderValue = HeaderValue::from_static("https");
 const PATH_LIVENESS: &str = "/status.ok";
 const PATH_READINESS: &str = "/readyz";
 
@@ -886,7 +887,11 @@ impl ProxyHttp for Proxy {
         } else {
             upstream.remove_header(&X_FORWARDED_HOST);
         }
-        upstream.insert_header(X_FORWARDED_PROTO, PROTO_HTTP)?;
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        upstream.insert_header(
+            X_FORWARDED_PROTO,
+            if tls { PROTO_HTTPS } else { PROTO_HTTP },
+        )?;
         let forwarded = match (&ctx.forwarded, ctx.client) {
             (Some(chain), _) => Some(chain.clone()),
             (None, Some(client)) => Some(forwarded_for(

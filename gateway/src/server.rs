@@ -28,6 +28,8 @@ use crate::provider::kubernetes::{Kind, KubeProvider};
 use crate::proxy::{Gateway, Limits, Proxy};
 use crate::renew::Renewer;
 use crate::table::{RouteTable, TableWriter};
+use crate::tls::{Reloader, Resolver};
+use pingora::listeners::tls::TlsSettings;
 
 /// Validates the configuration, binds the listeners and serves until shut down.
 pub fn run(config: Config) -> Result<(), ConfigError> {
@@ -86,6 +88,17 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
     };
     let mut listener = Service::new("sandbox gateway".to_owned(), app);
     listener.add_tcp(&socket(config.bind, config.port));
+    if let Some((pairs, certs)) = config.tls()? {
+        let resolver = Resolver::new(certs);
+        let mut settings =
+            TlsSettings::intermediate("", "").map_err(|e| ConfigError::Tls(e.to_string()))?;
+        settings.set_cert_resolver(resolver.clone());
+        listener.add_tls_with_settings(&socket(config.bind, config.tls_port), None, settings);
+        background.push((
+            "TLS certificate reloader".into(),
+            Box::new(Reloader { pairs, resolver }),
+        ));
+    }
     server.add_service(listener);
 
     let admin = Admin {
@@ -169,6 +182,7 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
         port = config.port,
         metrics_port = config.metrics_port,
         mode = config.mode.label(),
+        tls_port = (!config.tls_cert_file.is_empty()).then_some(config.tls_port),
         renew_intents = config.renew_intent_enabled,
         "sandbox gateway starting"
     );

@@ -1,0 +1,448 @@
+//! TLS on the listener with certificates made by `openssl` for each test: the pair chosen by
+//! SNI (wildcard, apex, none), routing by Host over TLS, certificates swapped on disk while a
+//! connection stays open, a broken pair keeping the old one, the expiry metric, bad pairs at
+//! start.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use support::{GatewayOptions, TempDir, batch_sandbox, gateway_binary, unique_loopback};
+
+const TLS_PORT: u16 = 28443;
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl (scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA in `dir`, and leaf certificates it signs.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(dir: &Path) -> Pki {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-subj",
+                "/CN=test CA",
+                "-days",
+                "30",
+            ],
+        );
+        Pki {
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// `<name>.pem` and `<name>.key` for `dns` names, valid `days`.
+    fn leaf(&self, name: &str, dns: &[&str], days: u32) -> (PathBuf, PathBuf) {
+        let ext = format!(
+            "subjectAltName={}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+            dns.iter()
+                .map(|d| format!("DNS:{d}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        std::fs::write(self.dir.join(format!("{name}.ext")), ext).unwrap();
+        let (key, csr, pem) = (
+            format!("{name}.key.new"),
+            format!("{name}.csr"),
+            format!("{name}.pem.new"),
+        );
+        openssl(
+            &self.dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={}", dns[0]),
+            ],
+        );
+        openssl(
+            &self.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                &days.to_string(),
+                "-extfile",
+                &format!("{name}.ext"),
+            ],
+        );
+        // Into place by rename, as a Secret volume update or cert-manager would.
+        let (pem_final, key_final) = (
+            self.dir.join(format!("{name}.pem")),
+            self.dir.join(format!("{name}.key")),
+        );
+        std::fs::rename(self.dir.join(&key), &key_final).unwrap();
+        std::fs::rename(self.dir.join(&pem), &pem_final).unwrap();
+        (pem_final, key_final)
+    }
+
+    fn client(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(self.dir.join("ca.pem")).unwrap())
+            .unwrap();
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        )
+    }
+}
+
+/// A kept-alive TLS connection to the gateway.
+struct Client {
+    tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+}
+
+impl Client {
+    /// Connects with SNI `sni` (`None`: by address, no SNI).
+    fn connect(config: Arc<rustls::ClientConfig>, addr: SocketAddr, sni: Option<&str>) -> Client {
+        let name = match sni {
+            Some(n) => ServerName::try_from(n.to_owned()).unwrap(),
+            None => ServerName::IpAddress(addr.ip().into()),
+        };
+        let conn = rustls::ClientConnection::new(config, name).unwrap();
+        let tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        tls.flush().unwrap();
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock).unwrap();
+        }
+        Client { tls }
+    }
+
+    /// The leaf certificate the gateway served.
+    fn leaf(&self) -> Vec<u8> {
+        self.tls.conn.peer_certificates().unwrap()[0].to_vec()
+    }
+
+    /// `GET path` with `host`; the status and body.
+    fn get(&mut self, host: &str, path: &str) -> (u16, String) {
+        self.send(&format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"))
+    }
+
+    /// Sends `request` as written; the status and body of the answer.
+    fn send(&mut self, request: &str) -> (u16, String) {
+        self.tls.write_all(request.as_bytes()).unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = self.tls.read(&mut chunk).unwrap();
+            assert!(n > 0, "connection closed");
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            let Some(end) = text.find("\r\n\r\n") else {
+                continue;
+            };
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return (
+                    text[9..12].parse().unwrap(),
+                    text[end + 4..end + 4 + len].to_owned(),
+                );
+            }
+        }
+    }
+}
+
+fn der(pem: &Path) -> Vec<u8> {
+    CertificateDer::from_pem_file(pem).unwrap().to_vec()
+}
+
+struct Setup {
+    _dir: TempDir,
+    pki: Pki,
+    gw: support::Gateway,
+    upstream: support::upstream::Upstream,
+    tls: SocketAddr,
+    wild: (PathBuf, PathBuf),
+    apex: (PathBuf, PathBuf),
+}
+
+fn setup() -> Setup {
+    let dir = TempDir::new();
+    let pki = Pki::new(dir.path());
+    let wild = pki.leaf("wild", &["*.sandbox.test"], 20);
+    let apex = pki.leaf("apex", &["sandbox.test"], 10);
+    let ip: IpAddr = unique_loopback();
+    let upstream = support::upstream::Upstream::start(ip, 0);
+    let file = dir.write(
+        "s.yaml",
+        &batch_sandbox("box", "a", 1, Some(&format!(r#"["{ip}"]"#)), None),
+    );
+    let gw = support::Gateway::start(
+        &file,
+        GatewayOptions {
+            extra: vec![
+                "--tls-cert-file".into(),
+                wild.0.display().to_string(),
+                "--tls-key-file".into(),
+                wild.1.display().to_string(),
+                "--tls-cert-file".into(),
+                apex.0.display().to_string(),
+                "--tls-key-file".into(),
+                apex.1.display().to_string(),
+            ],
+            ..Default::default()
+        },
+    );
+    let tls = SocketAddr::new(gw.addr.ip(), TLS_PORT);
+    Setup {
+        _dir: dir,
+        pki,
+        gw,
+        upstream,
+        tls,
+        wild,
+        apex,
+    }
+}
+
+#[test]
+fn sni_chooses_the_certificate_and_host_routes_over_tls() {
+    let s = setup();
+    let port = s.upstream.addr.port();
+    let host = format!("box-{port}.sandbox.test");
+    let mut c = Client::connect(s.pki.client(), s.tls, Some(&host));
+    assert_eq!(
+        c.leaf(),
+        der(&s.wild.0),
+        "the wildcard serves a sandbox host"
+    );
+    let (status, body) = c.get(&host, "/hello?x=1");
+    assert_eq!(status, 200, "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (echo["path"].as_str(), echo["query"].as_str()),
+        (Some("/hello"), Some("x=1"))
+    );
+    let proto = echo["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h[0] == "x-forwarded-proto")
+        .map(|h| h[1].clone());
+    assert_eq!(
+        proto,
+        Some("https".into()),
+        "the sandbox learns the client used TLS"
+    );
+    // The same through the full path (a chunked body is handed over to it).
+    let (status, body) = c.send(&format!(
+        "POST /full HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    ));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#"["x-forwarded-proto","https"]"#), "{body}");
+    // Kept alive: a second request on the same connection.
+    assert_eq!(c.get(&host, "/again").0, 200);
+    let apex = Client::connect(s.pki.client(), s.tls, Some("sandbox.test"));
+    assert_eq!(
+        apex.leaf(),
+        der(&s.apex.0),
+        "the apex has its own certificate"
+    );
+    // A name two labels under the wildcard is not covered (RFC 6125): the first pair is
+    // served, and the client refuses it.
+    let deep = std::panic::catch_unwind(|| {
+        Client::connect(s.pki.client(), s.tls, Some("a.b.sandbox.test"));
+    });
+    assert!(deep.is_err(), "a two-label-deep name must not verify");
+    // Unknown sandbox over TLS: the same 404 as in plaintext.
+    let mut c = Client::connect(s.pki.client(), s.tls, Some("nobox-80.sandbox.test"));
+    assert_eq!(c.get("nobox-80.sandbox.test", "/").0, 404);
+    let wild_left = s
+        .gw
+        .metric("sandbox_gateway_tls_certificate_expiry_seconds{certificate=\"*.sandbox.test\"}");
+    let apex_left =
+        s.gw.metric("sandbox_gateway_tls_certificate_expiry_seconds{certificate=\"sandbox.test\"}");
+    assert!(
+        (19.9 * 86_400.0..=20.0 * 86_400.0).contains(&wild_left),
+        "{wild_left}"
+    );
+    assert!(
+        (9.9 * 86_400.0..=10.0 * 86_400.0).contains(&apex_left),
+        "{apex_left}"
+    );
+}
+
+#[test]
+fn certificates_swapped_on_disk_serve_new_connections_and_spare_open_ones() {
+    let s = setup();
+    let port = s.upstream.addr.port();
+    let host = format!("box-{port}.sandbox.test");
+    let mut open = Client::connect(s.pki.client(), s.tls, Some(&host));
+    let old = open.leaf();
+    assert_eq!(open.get(&host, "/before").0, 200);
+
+    let renewed = s.pki.leaf("wild", &["*.sandbox.test"], 60);
+    assert_eq!(renewed, s.wild);
+    let new = der(&renewed.0);
+    assert_ne!(new, old);
+    let start = Instant::now();
+    loop {
+        let c = Client::connect(s.pki.client(), s.tls, Some(&host));
+        if c.leaf() == new {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "new certificate not served within 2 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "new certificate served {:?} after the swap",
+        start.elapsed()
+    );
+    assert_eq!(
+        open.get(&host, "/after").0,
+        200,
+        "the open connection keeps working"
+    );
+
+    // A broken pair: a key that is not the certificate's. The renewed pair stays in force.
+    let stray = s.pki.leaf("stray", &["*.sandbox.test"], 5);
+    std::fs::copy(&stray.1, &s.wild.1).unwrap();
+    let start = Instant::now();
+    while s.gw.metric("sandbox_gateway_tls_reload_errors_total") < 1.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{}",
+            s.gw.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.gw.wait_log("TLS certificates not reloaded");
+    let mut c = Client::connect(s.pki.client(), s.tls, Some(&host));
+    assert_eq!(c.leaf(), new);
+    assert_eq!(c.get(&host, "/still").0, 200);
+    let left = s
+        .gw
+        .metric("sandbox_gateway_tls_certificate_expiry_seconds{certificate=\"*.sandbox.test\"}");
+    assert!(
+        left > 59.0 * 86_400.0,
+        "the metric follows the pair in force: {left}"
+    );
+}
+
+/// Starts the gateway with `args` and expects it to refuse, naming `needle`.
+fn refused(args: &[String], needle: &str) {
+    let dir = TempDir::new();
+    let file = dir.write("s.yaml", "");
+    let out = Command::new(gateway_binary())
+        .args([
+            "--provider-type",
+            "file",
+            "--sandbox-file",
+            file.to_str().unwrap(),
+        ])
+        .args(["--bind", "127.0.0.1", "--port", "1", "--metrics-port", "2"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with {args:?}");
+    assert!(stderr.contains(needle), "{args:?}: {stderr}");
+}
+
+#[test]
+fn bad_pairs_refuse_start_up_naming_the_file() {
+    let dir = TempDir::new();
+    let pki = Pki::new(dir.path());
+    let (cert, key) = pki.leaf("w", &["*.sandbox.test"], 20);
+    let (_, other_key) = pki.leaf("o", &["o.test"], 20);
+    let s = |p: &Path| p.display().to_string();
+    let flag = |name: &str, p: &Path| [format!("--{name}"), s(p)];
+    refused(&flag("tls-cert-file", &cert), "come in pairs");
+    refused(
+        &[
+            flag("tls-cert-file", &cert),
+            flag("tls-key-file", &other_key),
+        ]
+        .concat(),
+        "does not belong to",
+    );
+    let missing = dir.path().join("missing.pem");
+    refused(
+        &[flag("tls-cert-file", &missing), flag("tls-key-file", &key)].concat(),
+        &s(&missing),
+    );
+    let garbage = dir.write("garbage.pem", "not a certificate\n");
+    refused(
+        &[flag("tls-cert-file", &garbage), flag("tls-key-file", &key)].concat(),
+        "garbage.pem",
+    );
+    refused(
+        &[
+            flag("tls-cert-file", &cert),
+            flag("tls-key-file", &key),
+            ["--tls-port".into(), "1".into()],
+        ]
+        .concat(),
+        "--tls-port",
+    );
+}
