@@ -239,6 +239,36 @@ pub struct Config {
     /// Port of the TLS listener, opened when certificates are given (beside `--port`).
     #[arg(long, default_value_t = 28443)]
     pub tls_port: u16,
+
+    /// HTTP/2 from clients on the TLS listener, when ALPN picks `h2`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub http2: bool,
+
+    /// HTTP/2: streams a client may have open at once on one connection.
+    #[arg(long, default_value_t = 100)]
+    pub h2_max_concurrent_streams: u32,
+
+    /// HTTP/2: flow-control window of each stream, in bytes (the client may send this much
+    /// before the sandbox reads it).
+    #[arg(long, default_value_t = 1_048_576)]
+    pub h2_stream_window: u32,
+
+    /// HTTP/2: flow-control window of a whole connection, in bytes.
+    #[arg(long, default_value_t = 4_194_304)]
+    pub h2_connection_window: u32,
+
+    /// HTTP/2: largest decoded request header list (bounds CONTINUATION floods), in bytes.
+    #[arg(long, default_value_t = 65_536)]
+    pub h2_max_header_list_size: u32,
+
+    /// HTTP/2: streams a client may reset before they are served (rapid reset) before the
+    /// connection is closed.
+    #[arg(long, default_value_t = 20)]
+    pub h2_max_pending_resets: usize,
+
+    /// HTTP/2: a connection idle this many seconds is closed.
+    #[arg(long, default_value_t = 300)]
+    pub h2_idle_timeout_seconds: u64,
 }
 
 /// A flag value that passed parsing but cannot be used.
@@ -292,6 +322,8 @@ pub enum ConfigError {
         "--proxy-protocol with TLS is not supported yet (the PROXY header precedes the handshake)"
     )]
     TlsProxyProtocol,
+    #[error("{0} is out of range: {1}")]
+    Http2(&'static str, &'static str),
 }
 
 impl Config {
@@ -313,6 +345,7 @@ impl Config {
         }
         self.renew()?;
         self.tls()?;
+        self.h2_options()?;
         let keys = match (&self.secure_access_keys, &self.secure_access_keys_file) {
             (Some(text), _) => KeyRing::parse(text)?,
             (None, Some(path)) => read_keys_file(path)?,
@@ -377,6 +410,47 @@ impl Config {
             .collect();
         let loaded = Certificates::load(&pairs).map_err(ConfigError::Tls)?;
         Ok(Some((pairs, loaded)))
+    }
+
+    /// The HTTP/2 server settings, bounded against abuse.
+    pub fn h2_options(
+        &self,
+    ) -> Result<pingora::protocols::http::v2::server::H2Options, ConfigError> {
+        const MAX_WINDOW: u32 = (1 << 31) - 1;
+        if !(1..=10_000).contains(&self.h2_max_concurrent_streams) {
+            return Err(ConfigError::Http2(
+                "--h2-max-concurrent-streams",
+                "1..=10000",
+            ));
+        }
+        if !(65_535..=MAX_WINDOW).contains(&self.h2_stream_window) {
+            return Err(ConfigError::Http2(
+                "--h2-stream-window",
+                "65535..=2147483647",
+            ));
+        }
+        if !(65_535..=MAX_WINDOW).contains(&self.h2_connection_window) {
+            return Err(ConfigError::Http2(
+                "--h2-connection-window",
+                "65535..=2147483647",
+            ));
+        }
+        if !(1024..=1_048_576).contains(&self.h2_max_header_list_size) {
+            return Err(ConfigError::Http2(
+                "--h2-max-header-list-size",
+                "1024..=1048576",
+            ));
+        }
+        let mut options = pingora::protocols::http::v2::server::default_h2_options();
+        options
+            .max_concurrent_streams(self.h2_max_concurrent_streams)
+            .initial_window_size(self.h2_stream_window)
+            .initial_connection_window_size(self.h2_connection_window)
+            .max_header_list_size(self.h2_max_header_list_size)
+            .max_pending_accept_reset_streams(self.h2_max_pending_resets)
+            // Streams the gateway itself resets for a client's errors, per connection.
+            .max_local_error_reset_streams(Some(1024));
+        Ok(options)
     }
 
     /// The dial policy; loopback is in the default only for the file provider.

@@ -15,8 +15,8 @@ use pingora::protocols::l4::socket::SocketAddr as L4SocketAddr;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::{
-    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
-    TimingDigest, UniqueID, UniqueIDType,
+    ALPN, GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
+    Stream, TimingDigest, UniqueID, UniqueIDType,
 };
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -261,7 +261,31 @@ impl GetSocketDigest for DeadlineStream {
 }
 
 #[async_trait]
-impl Peek for DeadlineStream {}
+impl Peek for DeadlineStream {
+    /// Reads the first bytes of the connection and puts them back, for the h2c check: stops
+    /// as soon as they differ from the HTTP/2 preface, so a short HTTP/1 request is never
+    /// waited on for bytes that will not come. The header deadline applies to the reading.
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        use tokio::io::AsyncReadExt;
+        const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        let mut have: Vec<u8> = Vec::with_capacity(buf.len());
+        let mut chunk = vec![0u8; buf.len()];
+        while have.len() < buf.len() && PREFACE.starts_with(&have) {
+            let n = self.read(&mut chunk[..buf.len() - have.len()]).await?;
+            if n == 0 {
+                break;
+            }
+            have.extend_from_slice(&chunk[..n]);
+        }
+        let n = have.len().min(buf.len());
+        buf[..n].copy_from_slice(&have[..n]);
+        // Ahead of whatever was already put back and not read here.
+        let rest = std::mem::take(&mut self.rewound);
+        have.extend_from_slice(&rest);
+        self.rewind(have);
+        Ok(true)
+    }
+}
 
 /// Reads the PROXY protocol header off a fresh TCP connection and makes its source the
 /// connection's peer address; the bytes after the header are put back for the HTTP parser.
@@ -343,6 +367,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
         } else {
             stream
         };
+        // HTTP/2 chosen in the TLS handshake: Pingora's HTTP/2 server takes the connection
+        // (its own limits bound the streams; the header deadline is an HTTP/1 defence).
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            return self.inner.process_new(stream, shutdown).await;
+        }
         let mut wrapped = DeadlineStream::new(stream, self.timeout, self.keepalive);
         if let Some(lean) = &self.lean
             && let Served::Closed = lean.serve(&mut wrapped, shutdown).await

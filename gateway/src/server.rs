@@ -29,6 +29,7 @@ use crate::proxy::{Gateway, Limits, Proxy};
 use crate::renew::Renewer;
 use crate::table::{RouteTable, TableWriter};
 use crate::tls::{Reloader, Resolver};
+use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
 
 /// Validates the configuration, binds the listeners and serves until shut down.
@@ -79,6 +80,14 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
     );
     let mut proxy = HttpProxy::new(Proxy(gateway.clone()), conf.clone());
     proxy.handle_init_modules();
+    if config.http2 {
+        // HTTP/2 over TLS (ALPN). Cleartext prior knowledge (h2c) is not switched on yet:
+        // through the header-deadline stream a second stream on a connection is not read.
+        let mut options = HttpServerOptions::default();
+        options.h2_idle_timeout = Some(Duration::from_secs(config.h2_idle_timeout_seconds.max(1)));
+        proxy.server_options = Some(options);
+        proxy.h2_options = Some(config.h2_options()?);
+    }
     let app = HeaderDeadline {
         inner: Arc::new(proxy),
         timeout: Duration::from_secs(config.header_timeout_seconds),
@@ -93,6 +102,9 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
         let mut settings =
             TlsSettings::intermediate("", "").map_err(|e| ConfigError::Tls(e.to_string()))?;
         settings.set_cert_resolver(resolver.clone());
+        if config.http2 {
+            settings.enable_h2();
+        }
         listener.add_tls_with_settings(&socket(config.bind, config.tls_port), None, settings);
         background.push((
             "TLS certificate reloader".into(),

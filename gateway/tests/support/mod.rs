@@ -4,6 +4,7 @@
 pub mod chart_metrics;
 pub mod client;
 pub mod k8s;
+pub mod pki;
 pub mod redis;
 pub mod upstream;
 

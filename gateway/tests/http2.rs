@@ -1,0 +1,157 @@
+//! HTTP/2 from clients over TLS (ALPN `h2`), with real curl (nghttp2): routed as HTTP/1.1 is
+//! (`:authority` as Host, header and URI modes), the same refusals and secure access, a hundred
+//! streams on one connection to two sandboxes, and HTTP/1.1 beside it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::Command;
+
+use support::pki::Pki;
+use support::upstream::Upstream;
+use support::{GatewayOptions, TempDir, batch_sandbox, unique_loopback};
+
+const TLS_PORT: u16 = 28443;
+
+/// `curl` with `args` and one `-o /dev/null` per URL; `<http_version> <status>` per transfer.
+fn curl(args: &[String], urls: &[String]) -> Vec<String> {
+    curl_counting(args, urls).0
+}
+
+/// As [`curl`], with the number of connections curl opened for all the transfers.
+fn curl_counting(args: &[String], urls: &[String]) -> (Vec<String>, u32) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "--max-time", "20", "-w"])
+        .arg("%{http_version} %{http_code} %{num_connects}\n")
+        .args(args);
+    for url in urls {
+        cmd.args(["-o", "/dev/null", url]);
+    }
+    let out = cmd.output().expect("curl");
+    let mut connects = 0;
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let (status, n) = l.rsplit_once(' ').unwrap_or((l, "0"));
+            connects += n.parse::<u32>().unwrap_or(0);
+            status.to_owned()
+        })
+        .collect();
+    (lines, connects)
+}
+
+struct Two {
+    dir: TempDir,
+    pki: Pki,
+    gw: support::Gateway,
+    a: Upstream,
+    b: Upstream,
+}
+
+impl Two {
+    /// Sandbox `a` open, `b` secure with token `t0ken`, behind a TLS gateway in `mode`.
+    fn start(mode: &'static str) -> Two {
+        let dir = TempDir::new();
+        let pki = Pki::new(dir.path());
+        let (cert, key) = pki.leaf("wild", &["*.sandbox.test", "gw.test"], 20);
+        let (ia, ib) = (unique_loopback(), unique_loopback());
+        let (a, b) = (Upstream::start(ia, 0), Upstream::start(ib, 0));
+        let file = dir.write(
+            "s.yaml",
+            &format!(
+                "{}---\n{}",
+                batch_sandbox("a", "ns", 1, Some(&format!(r#"["{ia}"]"#)), None),
+                batch_sandbox("b", "ns", 1, Some(&format!(r#"["{ib}"]"#)), Some("t0ken"))
+            ),
+        );
+        let gw = support::Gateway::start(
+            &file,
+            GatewayOptions {
+                mode,
+                extra: vec![
+                    "--tls-cert-file".into(),
+                    cert.display().to_string(),
+                    "--tls-key-file".into(),
+                    key.display().to_string(),
+                ],
+                ..Default::default()
+            },
+        );
+        Two { dir, pki, gw, a, b }
+    }
+
+    /// curl options reaching `host` on the TLS listener, HTTP/2 preferred.
+    fn tls(&self, host: &str) -> Vec<String> {
+        vec![
+            "--http2".into(),
+            "--cacert".into(),
+            self.pki.dir.join("ca.pem").display().to_string(),
+            "--resolve".into(),
+            format!("{host}:{TLS_PORT}:{}", self.gw.addr.ip()),
+        ]
+    }
+}
+
+#[test]
+fn h2_routes_by_authority_with_the_same_refusals_and_secure_access() {
+    let t = Two::start("header");
+    let host = |name: &str, port: u16| format!("{name}-{port}.sandbox.test");
+    let get = |h: &str, extra: &[&str]| {
+        let mut args = t.tls(h);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        curl(&args, &[format!("https://{h}:{TLS_PORT}/x")])
+    };
+    let (pa, pb) = (t.a.addr.port(), t.b.addr.port());
+    assert_eq!(get(&host("a", pa), &[]), ["2 200"]);
+    assert_eq!(get(&host("nobox", 80), &[]), ["2 404"]);
+    assert_eq!(get(&host("a", 0), &[]), ["2 400"]);
+    assert_eq!(get(&host("b", pb), &[]), ["2 401"], "no credential");
+    assert_eq!(
+        get(&host("b", pb), &["-H", "OpenSandbox-Secure-Access: wrong"]),
+        ["2 401"]
+    );
+    assert_eq!(
+        get(&host("b", pb), &["-H", "OpenSandbox-Secure-Access: t0ken"]),
+        ["2 200"]
+    );
+    // The routing header wins over :authority, as over HTTP/1.1.
+    let routed = format!("OpenSandbox-Ingress-To: a-{pa}");
+    assert_eq!(get("gw.test", &["-H", &routed]), ["2 200"]);
+    // HTTP/1.1 on the same listener.
+    assert_eq!(get(&host("a", pa), &["--http1.1"]), ["1.1 200"]);
+    let _ = &t.dir;
+}
+
+#[test]
+fn a_hundred_streams_on_one_connection_reach_two_sandboxes() {
+    let t = Two::start("uri");
+    let (pa, pb) = (t.a.addr.port(), t.b.addr.port());
+    let urls: Vec<String> = (0..100)
+        .map(|i| {
+            if i % 2 == 0 {
+                format!("https://gw.test:{TLS_PORT}/a/{pa}/stream/{i}")
+            } else {
+                format!("https://gw.test:{TLS_PORT}/b/{pb}/stream/{i}")
+            }
+        })
+        .collect();
+    let mut args = t.tls("gw.test");
+    args.extend(
+        [
+            "--parallel",
+            "--parallel-max",
+            "100",
+            "-H",
+            "OpenSandbox-Secure-Access: t0ken",
+        ]
+        .map(String::from),
+    );
+    let (results, connects) = curl_counting(&args, &urls);
+    assert_eq!(results.len(), 100, "{results:?}");
+    assert!(results.iter().all(|r| r == "2 200"), "{results:?}");
+    assert_eq!(connects, 1, "all hundred streams on one connection");
+    assert_eq!(
+        t.gw.metric("sandbox_gateway_requests_total{class=\"2xx\",mode=\"uri\"}"),
+        100.0
+    );
+}
