@@ -244,6 +244,11 @@ pub struct Config {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub http2: bool,
 
+    /// HTTP/2 in cleartext with prior knowledge (h2c) on `--port`, beside HTTP/1.1 (needs
+    /// `--http2`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub h2c: bool,
+
     /// HTTP/2: streams a client may have open at once on one connection.
     #[arg(long, default_value_t = 100)]
     pub h2_max_concurrent_streams: u32,

@@ -81,9 +81,9 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
     let mut proxy = HttpProxy::new(Proxy(gateway.clone()), conf.clone());
     proxy.handle_init_modules();
     if config.http2 {
-        // HTTP/2 over TLS (ALPN). Cleartext prior knowledge (h2c) is not switched on yet:
-        // through the header-deadline stream a second stream on a connection is not read.
+        // HTTP/2 over TLS by ALPN, and in cleartext with prior knowledge (h2c) when on.
         let mut options = HttpServerOptions::default();
+        options.h2c = config.h2c;
         options.h2_idle_timeout = Some(Duration::from_secs(config.h2_idle_timeout_seconds.max(1)));
         proxy.server_options = Some(options);
         proxy.h2_options = Some(config.h2_options()?);

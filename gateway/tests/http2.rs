@@ -1,6 +1,7 @@
-//! HTTP/2 from clients over TLS (ALPN `h2`), with real curl (nghttp2): routed as HTTP/1.1 is
-//! (`:authority` as Host, header and URI modes), the same refusals and secure access, a hundred
-//! streams on one connection to two sandboxes, and HTTP/1.1 beside it.
+//! HTTP/2 from clients, over TLS (ALPN `h2`) and in cleartext with prior knowledge (h2c), with
+//! real clients: curl (nghttp2) and the `h2` crate. Routed as HTTP/1.1 is (`:authority` as
+//! Host, header and URI modes), the same refusals and secure access, a hundred streams on one
+//! connection to two sandboxes, and HTTP/1.1 beside it on the same ports.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -154,4 +155,68 @@ fn a_hundred_streams_on_one_connection_reach_two_sandboxes() {
         t.gw.metric("sandbox_gateway_requests_total{class=\"2xx\",mode=\"uri\"}"),
         100.0
     );
+}
+
+/// A hundred concurrent requests on one h2c connection with the `h2` crate's client (curl
+/// 7.88's prior-knowledge mode does not multiplex: its second stream fails in its own framing
+/// layer, whatever the server); the statuses in request order.
+async fn h2c_streams(
+    addr: std::net::SocketAddr,
+    paths: Vec<String>,
+    headers: &[(&str, &str)],
+) -> Vec<u16> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut pending = Vec::new();
+    for path in paths {
+        let mut req = http::Request::get(format!("http://{addr}{path}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let mut client = client.clone().ready().await.unwrap();
+        let (resp, _) = client.send_request(req.body(()).unwrap(), true).unwrap();
+        pending.push(resp);
+    }
+    let mut statuses = Vec::new();
+    for resp in pending {
+        let resp = tokio::time::timeout(std::time::Duration::from_secs(10), resp)
+            .await
+            .expect("answer within 10 s")
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+    }
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge_beside_http1_on_the_plain_port() {
+    let t = tokio::task::spawn_blocking(|| Two::start("uri"))
+        .await
+        .unwrap();
+    let (pa, pb) = (t.a.addr.port(), t.b.addr.port());
+    let plain = |path: &str| format!("http://{}{path}", t.gw.addr);
+    // curl, one stream per connection.
+    let h2c = vec!["--http2-prior-knowledge".to_owned()];
+    assert_eq!(curl(&h2c, &[plain(&format!("/a/{pa}/x"))]), ["2 200"]);
+    assert_eq!(curl(&h2c, &[plain("/nobox/80/x")]), ["2 404"]);
+    assert_eq!(curl(&h2c, &[plain(&format!("/b/{pb}/x"))]), ["2 401"]);
+    assert_eq!(curl(&h2c, &[plain("/a/0/x")]), ["2 400"]);
+    // HTTP/1.1 on the same port, including a request shorter than the HTTP/2 preface.
+    assert_eq!(curl(&[], &[plain(&format!("/a/{pa}/h1"))]), ["1.1 200"]);
+    let short = support::client::raw(t.gw.addr, b"GET /status.ok HTTP/1.0\r\n\r\n").unwrap();
+    assert_eq!(short.status, 200);
+    // A hundred streams on one connection, half to each sandbox, the secure one with its token.
+    let paths = (0..100)
+        .map(|i| {
+            if i % 2 == 0 {
+                format!("/a/{pa}/stream/{i}")
+            } else {
+                format!("/b/{pb}/stream/{i}")
+            }
+        })
+        .collect();
+    let statuses = h2c_streams(t.gw.addr, paths, &[("opensandbox-secure-access", "t0ken")]).await;
+    assert_eq!(statuses, vec![200; 100]);
+    tokio::task::spawn_blocking(move || drop(t)).await.unwrap();
 }
