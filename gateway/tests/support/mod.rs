@@ -251,7 +251,11 @@ impl Gateway {
     pub fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if client::blocking_get(self.metrics, "/readyz").is_ok_and(|r| r.status == 200) {
+            // Pingora starts each listener on its own thread: the metrics port can answer
+            // before the proxy port is bound.
+            if client::blocking_get(self.metrics, "/readyz").is_ok_and(|r| r.status == 200)
+                && std::net::TcpStream::connect(self.addr).is_ok()
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(25));
