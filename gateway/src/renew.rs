@@ -145,16 +145,7 @@ pub struct Publisher {
 
 impl Publisher {
     async fn connect(&self) -> Result<MultiplexedConnection, String> {
-        match tokio::time::timeout(
-            REDIS_TIMEOUT,
-            self.client.get_multiplexed_async_connection(),
-        )
-        .await
-        {
-            Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {REDIS_TIMEOUT:?}")),
-        }
+        within(self.client.get_multiplexed_async_connection()).await
     }
 
     async fn push(&self, conn: &mut MultiplexedConnection, batch: &[String]) -> Result<(), String> {
@@ -167,11 +158,7 @@ impl Publisher {
                 .arg(self.max_len - 1)
                 .ignore();
         }
-        match tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async::<()>(conn)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {REDIS_TIMEOUT:?}")),
-        }
+        within(pipe.query_async::<()>(conn)).await
     }
 
     /// Records whether Redis answered, logging each change once.
@@ -269,9 +256,13 @@ impl Publisher {
 }
 
 async fn ping(conn: &mut MultiplexedConnection) -> Result<(), String> {
-    match tokio::time::timeout(REDIS_TIMEOUT, redis::cmd("PING").query_async::<()>(conn)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
+    within(redis::cmd("PING").query_async::<()>(conn)).await
+}
+
+/// A Redis call bounded by [`REDIS_TIMEOUT`], its failure as text.
+async fn within<T>(call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
+    match tokio::time::timeout(REDIS_TIMEOUT, call).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
         Err(_) => Err(format!("no answer within {REDIS_TIMEOUT:?}")),
     }
 }

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -143,7 +143,6 @@ fn uri_mode_intent_names_the_decoded_path_without_the_query() {
 fn hammer(addr: SocketAddr, host: &str, stop: &AtomicBool, ok: &AtomicUsize, failed: &AtomicUsize) {
     let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
     let mut conn: Option<TcpStream> = None;
-    let mut buf = vec![0u8; 16384];
     while !stop.load(Ordering::Relaxed) {
         let s = match conn.as_mut() {
             Some(s) => s,
@@ -153,32 +152,11 @@ fn hammer(addr: SocketAddr, host: &str, stop: &AtomicBool, ok: &AtomicUsize, fai
                 conn.insert(s)
             }
         };
-        let answered = (|| -> Option<u16> {
-            s.write_all(request.as_bytes()).ok()?;
-            let mut have = 0;
-            loop {
-                let n = s.read(&mut buf[have..]).ok()?;
-                if n == 0 {
-                    return None;
-                }
-                have += n;
-                let text = std::str::from_utf8(&buf[..have]).ok()?;
-                let Some(end) = text.find("\r\n\r\n") else {
-                    continue;
-                };
-                let len: usize = text[..end]
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse().ok())?
-                    })
-                    .unwrap_or(0);
-                if have >= end + 4 + len {
-                    return text[9..12].parse().ok();
-                }
-            }
-        })();
+        let answered = s
+            .write_all(request.as_bytes())
+            .and_then(|()| support::client::read_response(s))
+            .ok()
+            .map(|r| r.status);
         match answered {
             Some(200) => {
                 ok.fetch_add(1, Ordering::Relaxed);

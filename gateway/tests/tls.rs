@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -56,31 +56,8 @@ impl Client {
     /// Sends `request` as written; the status and body of the answer.
     fn send(&mut self, request: &str) -> (u16, String) {
         self.tls.write_all(request.as_bytes()).unwrap();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = self.tls.read(&mut chunk).unwrap();
-            assert!(n > 0, "connection closed");
-            buf.extend_from_slice(&chunk[..n]);
-            let text = String::from_utf8_lossy(&buf).into_owned();
-            let Some(end) = text.find("\r\n\r\n") else {
-                continue;
-            };
-            let len: usize = text[..end]
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())?
-                })
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                return (
-                    text[9..12].parse().unwrap(),
-                    text[end + 4..end + 4 + len].to_owned(),
-                );
-            }
-        }
+        let resp = support::client::read_response(&mut self.tls).unwrap();
+        (resp.status, resp.body_text())
     }
 }
 

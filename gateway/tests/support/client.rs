@@ -107,6 +107,24 @@ pub fn parse(raw: &[u8]) -> io::Result<Response> {
     Ok(resp)
 }
 
+/// Reads one response off a kept-alive connection: until [`parse`] finds it complete.
+pub fn read_response(s: &mut impl Read) -> io::Result<Response> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Ok(resp) = parse(&buf)
+            && resp.complete
+        {
+            return Ok(resp);
+        }
+    }
+}
+
 /// Sends raw bytes and reads until the server closes (or the timeout passes).
 pub fn raw(addr: SocketAddr, request: &[u8]) -> io::Result<Response> {
     let mut s = TcpStream::connect(addr)?;
