@@ -1181,6 +1181,23 @@ fn renew_on_access_closes_the_loop() {
         expire_before
     );
     assert_eq!(redis.len(RENEW_KEY), 0);
+    // An observed_at a day ahead (a forged entry, a skewed clock) counts as now: the expiry
+    // goes no further than now + 600 s.
+    let handled = || {
+        controller.metric("sandbox_controller_renew_intents_total{outcome=\"renewed\",reason=\"\"}")
+            + ignored("already_later")
+    };
+    let before = handled();
+    let future = format!(r#"{{"sandbox_id":"opted","observed_at":"{}"}}"#, at(86_400));
+    redis.push(RENEW_KEY, &future);
+    eventually("future intent handled", Duration::from_secs(10), || {
+        (handled() == before + 1.0).then_some(())
+    });
+    let left = expires_in(&env.get("opted").unwrap());
+    assert!(
+        left <= 601,
+        "a future observed_at extended to now + {left} s"
+    );
     assert_eq!(controller.metric("sandbox_controller_renew_redis_up"), 1.0);
 }
 
