@@ -67,6 +67,10 @@ fn denied_batch(lab: &Lab, tag: &str, n: usize) -> Duration {
     let out = lab
         .in_sandbox("dig")
         .args(["+tries=1", "+timeout=3", "+noall", "+comments"])
+        // One source port outside the ephemeral range for the whole batch: a random port could
+        // be one the sidecar's upstream probe just used, whose conntrack entry (not redirected)
+        // would carry the query past the proxy to the resolver in dns mode.
+        .args(["-b", "198.51.100.1#20054"])
         .arg(format!("@{DNS}"))
         .arg("-f")
         .arg(&file)
