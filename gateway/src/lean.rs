@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::header::{
-    CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HOST, HeaderName, TRANSFER_ENCODING, UPGRADE,
+    CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, EXPECT, HOST, HeaderName, TRANSFER_ENCODING,
+    UPGRADE,
 };
 use pingora::protocols::http::date::get_cached_date;
 use pingora::protocols::{GetSocketDigest, Ssl};
@@ -28,6 +29,7 @@ use tokio::net::TcpStream;
 
 use crate::conn::DeadlineStream;
 use crate::error::GatewayError;
+use crate::grpc;
 use crate::metrics::metrics;
 use crate::proxy::{
     AccessRecord, Admitted, Gateway, MAX_CONNECTION_FIELDS, RequestView, access_log, forwarded_for,
@@ -383,6 +385,10 @@ impl<'a> Plain<'a> {
                 || name.eq_ignore_ascii_case(UPGRADE.as_str())
                 || name.eq_ignore_ascii_case(EXPECT.as_str())
             {
+                return None;
+            }
+            // gRPC goes to the sandbox over HTTP/2, which only the full path speaks.
+            if name.eq_ignore_ascii_case(CONTENT_TYPE.as_str()) && grpc::is_grpc(field.value) {
                 return None;
             }
             if name.eq_ignore_ascii_case(CONTENT_LENGTH.as_str()) {

@@ -9,6 +9,7 @@ pub mod config;
 pub mod conn;
 pub mod drain;
 pub mod error;
+pub mod grpc;
 pub mod keys;
 pub mod lean;
 pub mod limit;

@@ -117,6 +117,8 @@ pub struct Sandbox {
     pub target: Target,
     /// Ports requests may reach (`opensandbox.io/exposed-ports`); `None`: every port.
     pub ports: Option<PortSet>,
+    /// Ports that speak h2c (`opensandbox.io/h2c-ports`).
+    pub h2c: Option<PortSet>,
 }
 
 const DEFAULT_NAMESPACE: &str = "default";
@@ -138,22 +140,12 @@ impl Object {
         } else {
             return None;
         };
+        // A malformed list opens no door at all, never every door; a malformed h2c list does
+        // not guess which protocol a port speaks. Either makes the sandbox unavailable, with
+        // the reason in every answer.
+        let (ports, target) = self.port_list(names::ANNOTATION_EXPOSED_PORTS, target);
+        let (h2c, target) = self.port_list(names::ANNOTATION_H2C_PORTS, target);
         let annotations = &self.metadata.annotations;
-        // A malformed list opens no door at all, never every door.
-        let (ports, target) = match annotations.get(names::ANNOTATION_EXPOSED_PORTS) {
-            None => (None, target),
-            Some(text) => match PortSet::parse(text) {
-                Ok(set) => (Some(set), target),
-                Err(e) => (
-                    None,
-                    Target::Unavailable(format!(
-                        "sandbox {}: malformed {} annotation: {e}; no port is open",
-                        self.qualified_name(),
-                        names::ANNOTATION_EXPOSED_PORTS
-                    )),
-                ),
-            },
-        };
         Some(Sandbox {
             namespace: self
                 .metadata
@@ -167,7 +159,28 @@ impl Object {
                 .cloned(),
             target,
             ports,
+            h2c,
         })
+    }
+
+    /// A port-list annotation; a malformed one makes the target unavailable, naming it.
+    fn port_list(&self, annotation: &str, target: Target) -> (Option<PortSet>, Target) {
+        match self
+            .metadata
+            .annotations
+            .get(annotation)
+            .map(|t| PortSet::parse(t))
+        {
+            None => (None, target),
+            Some(Ok(set)) => (Some(set), target),
+            Some(Err(e)) => (
+                None,
+                Target::Unavailable(format!(
+                    "sandbox {}: malformed {annotation} annotation: {e}; no port is open",
+                    self.qualified_name(),
+                )),
+            ),
+        }
     }
 
     fn qualified_name(&self) -> String {

@@ -29,6 +29,7 @@ use crate::config::Mode;
 use crate::conn;
 use crate::drain::{Drain, InFlight};
 use crate::error::GatewayError;
+use crate::grpc;
 use crate::limit::{Blocked, Budgets, FailureLimit};
 use crate::metrics::{self, metrics};
 use crate::ports::PortSet;
@@ -51,6 +52,12 @@ const POWERED_BY: HeaderName = HeaderName::from_static(names::HEADER_POWERED_BY)
 const POWERED_BY_VALUE: HeaderValue = HeaderValue::from_static(names::POWERED_BY_VALUE);
 const PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 const PROTO_HTTPS: HeaderValue = HeaderValue::from_static("https");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+const GRPC_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/grpc");
+const TE_TRAILERS: HeaderValue = HeaderValue::from_static("trailers");
+/// Streams one HTTP/2 connection to a sandbox carries at once; more open another connection.
+const UPSTREAM_H2_STREAMS: usize = 100;
 const PATH_LIVENESS: &str = "/status.ok";
 const PATH_READINESS: &str = "/readyz";
 
@@ -137,6 +144,10 @@ impl Gateway {
         if path == PATH_LIVENESS {
             return Ok(Some(Local::Liveness));
         }
+        ctx.grpc = req
+            .headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| grpc::is_grpc(v.as_bytes()));
         let route = self.route(req);
         if path == PATH_READINESS && route.is_err() {
             return Ok(Some(Local::Readiness));
@@ -173,6 +184,12 @@ impl Gateway {
         ctx.entry = Some(entry);
         ctx.rewrite = checked?;
         ctx.port = route.port;
+        // gRPC needs HTTP/2 end to end (trailers); an h2c port gets HTTP/2 whatever the client spoke.
+        ctx.h2c = ctx.grpc
+            || ctx
+                .entry
+                .as_deref()
+                .is_some_and(|e| e.speaks_h2c(route.port));
         Ok(None)
     }
 
@@ -194,6 +211,9 @@ impl Gateway {
             return None;
         }
         let entry = self.table.get(route.id)?;
+        if entry.speaks_h2c(route.port) {
+            return None;
+        }
         let (client, forwarded) = self.client_of(peer, req);
         let rewrite = self.check_entry(req, &route, &entry, client, false).ok()?;
         Some(Admitted {
@@ -333,10 +353,36 @@ impl Gateway {
         }
     }
 
-    /// Writes a refusal; the connection is closed after it.
-    async fn refuse(&self, session: &mut Session, e: &GatewayError) {
-        self.respond(session, e.status(), e.body(), false, e.retry_after())
-            .await;
+    /// Writes a refusal; the connection is closed after it. A gRPC client gets it as a gRPC
+    /// status.
+    async fn refuse(&self, session: &mut Session, ctx: &Ctx, e: &GatewayError) {
+        if ctx.grpc {
+            self.respond_grpc(session, e).await;
+        } else {
+            self.respond(session, e.status(), e.body(), false, e.retry_after())
+                .await;
+        }
+    }
+
+    /// A refusal as gRPC's trailers-only response: HTTP 200 whose one header block ends the
+    /// stream and carries `grpc-status` and `grpc-message`.
+    async fn respond_grpc(&self, session: &mut Session, e: &GatewayError) {
+        let result = async {
+            let mut resp = ResponseHeader::build(200, Some(5))?;
+            resp.insert_header(CONTENT_TYPE, GRPC_CONTENT_TYPE)?;
+            resp.insert_header(GRPC_STATUS, grpc::code_of(e).as_str())?;
+            resp.insert_header(GRPC_MESSAGE, grpc::encode_message(&e.to_string()))?;
+            resp.insert_header(CONTENT_LENGTH, 0)?;
+            if let Some(secs) = e.retry_after() {
+                resp.insert_header(RETRY_AFTER, secs)?;
+            }
+            session.set_keepalive(None);
+            session.write_response_header(Box::new(resp), true).await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "could not write response");
+        }
     }
 
     async fn respond(
@@ -784,6 +830,12 @@ pub struct Ctx {
     /// The `X-Forwarded-For` to send when trusted proxies decided it.
     forwarded: Option<String>,
     log: LogRoute,
+    /// The request is gRPC (its refusals are answered as gRPC statuses).
+    grpc: bool,
+    /// The sandbox is reached over HTTP/2 in cleartext.
+    h2c: bool,
+    /// The gateway answered the request itself (`status` is what it answered).
+    answered: bool,
     _in_flight: InFlight,
 }
 
@@ -813,6 +865,9 @@ impl ProxyHttp for Proxy {
             client: None,
             forwarded: None,
             log: LogRoute::default(),
+            grpc: false,
+            h2c: false,
+            answered: false,
             _in_flight: self.drain.enter(),
         }
     }
@@ -835,7 +890,8 @@ impl ProxyHttp for Proxy {
             }
             Err(e) => {
                 ctx.status = e.status();
-                self.refuse(session, &e).await;
+                ctx.answered = true;
+                self.refuse(session, ctx, &e).await;
                 Ok(true)
             }
         }
@@ -851,6 +907,11 @@ impl ProxyHttp for Proxy {
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(self.limits.connect_timeout);
         peer.options.idle_timeout = Some(self.limits.idle_timeout);
+        if ctx.h2c {
+            // Prior knowledge: cleartext has no ALPN, the annotation or gRPC said h2.
+            peer.options.set_http_version(2, 2);
+            peer.options.max_h2_streams = UPSTREAM_H2_STREAMS;
+        }
         Ok(Box::new(peer))
     }
 
@@ -882,7 +943,14 @@ impl ProxyHttp for Proxy {
         for name in [&INGRESS_TO, &INGRESS_LEGACY, &SECURE_ACCESS] {
             upstream.remove_header(name);
         }
-        if let Some(host) = session.req_header().headers.get(HOST).cloned() {
+        let req = session.req_header();
+        // HTTP/2 clients name the host in `:authority`, which may stand without a `Host`.
+        let host = req.headers.get(HOST).cloned().or_else(|| {
+            req.uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        if let Some(host) = host {
             upstream.insert_header(X_FORWARDED_HOST, host)?;
         } else {
             upstream.remove_header(&X_FORWARDED_HOST);
@@ -912,6 +980,10 @@ impl ProxyHttp for Proxy {
         }
         if let Some(uri) = ctx.rewrite.take() {
             upstream.set_uri(uri);
+        }
+        if ctx.grpc {
+            // The one `TE` HTTP/2 allows, which gRPC servers may require.
+            upstream.insert_header(TE, TE_TRAILERS)?;
         }
         Ok(())
     }
@@ -949,7 +1021,8 @@ impl ProxyHttp for Proxy {
         if let Some(answer) = &answer
             && session.response_written().is_none()
         {
-            self.refuse(session, answer).await;
+            self.refuse(session, ctx, answer).await;
+            ctx.answered = true;
         }
         ctx.status = code;
         FailToProxy {
@@ -960,9 +1033,11 @@ impl ProxyHttp for Proxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         conn::request_done(session.as_downstream().stream());
-        let status = session
-            .response_written()
-            .map_or(ctx.status, |r| r.status.as_u16());
+        // A gRPC refusal went out as HTTP 200; it is counted and logged as what it was.
+        let status = match session.response_written() {
+            Some(r) if !(ctx.grpc && ctx.answered) => r.status.as_u16(),
+            _ => ctx.status,
+        };
         let elapsed = self.count(status, ctx.start);
         if tracing::enabled!(target: "access", tracing::Level::INFO) {
             let req = session.req_header();

@@ -32,6 +32,8 @@ pub struct Record {
     pub upstream: Result<Vec<IpAddr>, String>,
     /// Ports requests may reach; `None`: every port.
     pub ports: Option<PortSet>,
+    /// Ports that speak h2c.
+    pub h2c: Option<PortSet>,
 }
 
 impl Record {
@@ -43,6 +45,7 @@ impl Record {
             token: sandbox.token.clone(),
             upstream,
             ports: sandbox.ports.clone(),
+            h2c: sandbox.h2c.clone(),
         }
     }
 }
@@ -76,6 +79,8 @@ pub struct Entry {
     pub token: Option<Box<str>>,
     /// Ports requests may reach; `None`: every port.
     pub ports: Option<PortSet>,
+    /// Ports that speak h2c; boxed, as few sandboxes have any.
+    h2c: Option<Box<PortSet>>,
     pub state: State,
 }
 
@@ -83,6 +88,11 @@ impl Entry {
     /// The sandbox id.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether `port` speaks HTTP/2 in cleartext (`opensandbox.io/h2c-ports`).
+    pub fn speaks_h2c(&self, port: u16) -> bool {
+        self.h2c.as_deref().is_some_and(|set| set.contains(port))
     }
 
     pub fn is_routable(&self) -> bool {
@@ -270,6 +280,11 @@ impl TableWriter {
                 .filter(|t| !t.is_empty())
                 .map(Into::into),
             ports: record.ports.clone(),
+            h2c: record
+                .h2c
+                .as_ref()
+                .filter(|set| !set.is_empty())
+                .map(|set| Box::new(set.clone())),
             state,
         }
     }
@@ -333,6 +348,7 @@ impl TableWriter {
             next: AtomicU32::new(0),
             token: None,
             ports: None,
+            h2c: None,
             state: State::Ambiguous(format!("[{}]", found.join(" ")).into()),
         };
         self.set(name, Some(Arc::new(clash)));
@@ -448,6 +464,7 @@ mod tests {
             name: name.into(),
             token: None,
             ports: None,
+            h2c: None,
             upstream: upstream
                 .map(|v| v.iter().map(|s| s.parse().unwrap()).collect())
                 .map_err(String::from),

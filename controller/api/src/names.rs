@@ -26,6 +26,9 @@ pub const ANNOTATION_EGRESS_AUTH_TOKEN: &str = "opensandbox.io/egress-auth-token
 pub const ANNOTATION_NETWORK_POLICY: &str = "opensandbox.io/network-policy";
 /// Ports of the sandbox the gateway forwards to (`"8080,3000,9000-9010"`); absent: every port.
 pub const ANNOTATION_EXPOSED_PORTS: &str = "opensandbox.io/exposed-ports";
+/// Ports of the sandbox that speak HTTP/2 in cleartext (h2c, e.g. gRPC servers), written like
+/// [`ANNOTATION_EXPOSED_PORTS`]; the gateway forwards every request to them over HTTP/2.
+pub const ANNOTATION_H2C_PORTS: &str = "opensandbox.io/h2c-ports";
 
 /// Routing header: `<sandbox-id>-<port>`.
 pub const HEADER_INGRESS_TO: &str = "opensandbox-ingress-to";

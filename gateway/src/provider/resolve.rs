@@ -86,6 +86,7 @@ pub fn records_without_names(sandboxes: Vec<Sandbox>, policy: &UpstreamPolicy) -
                 token: s.token,
                 upstream,
                 ports: s.ports,
+                h2c: s.h2c,
             }
         })
         .collect()
@@ -133,6 +134,7 @@ mod tests {
             token: None,
             target,
             ports: None,
+            h2c: None,
         }
     }
 
