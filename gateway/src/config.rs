@@ -271,6 +271,12 @@ pub struct Config {
     #[arg(long, default_value_t = 20)]
     pub h2_max_pending_resets: usize,
 
+    /// HTTP/2: SETTINGS, PING, PRIORITY, RST_STREAM and empty DATA frames a client may send
+    /// a second on one connection, on average (a burst of ten seconds' worth is allowed); a
+    /// connection over it is closed (floods). 0: unmetered.
+    #[arg(long, default_value_t = 100)]
+    pub h2_max_control_frames_per_second: u32,
+
     /// HTTP/2: a connection idle this many seconds is closed.
     #[arg(long, default_value_t = 300)]
     pub h2_idle_timeout_seconds: u64,

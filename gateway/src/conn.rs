@@ -1,6 +1,8 @@
 //! Downstream connections with a deadline on the request header: a client must deliver a
 //! whole header within the header timeout, however it spaces its bytes (slowloris defence).
-//! Pingora only bounds each single read, so the deadline lives in a stream wrapper.
+//! Pingora only bounds each single read, so the deadline lives in a stream wrapper. An HTTP/2
+//! connection has no header deadline; the same wrapper meters its control frames instead
+//! (see `h2meter`).
 
 use std::io;
 use std::pin::Pin;
@@ -22,6 +24,7 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::h2meter::FrameMeter;
 use crate::lean::{Lean, Served};
 use crate::proxy_protocol::{self, Header, ParseError};
 
@@ -86,6 +89,11 @@ pub struct DeadlineStream {
     next_request: AtomicBool,
     /// Bytes read once and put back (see [`DeadlineStream::rewind`]), served before the socket.
     rewound: Vec<u8>,
+    /// Set once the connection is HTTP/2: its frames are metered and no header deadline runs.
+    h2: Option<FrameMeter>,
+    /// The control-frame rate for an h2c connection found by [`Peek::try_peek`]; `None`: h2c
+    /// is off, so the preface is not treated as HTTP/2.
+    h2c_rate: Option<u32>,
 }
 
 impl DeadlineStream {
@@ -98,7 +106,29 @@ impl DeadlineStream {
             deadline: Box::pin(tokio::time::sleep(timeout)),
             next_request: AtomicBool::new(false),
             rewound: Vec::new(),
+            h2: None,
+            h2c_rate: None,
         }
+    }
+
+    /// With h2c on: a connection that opens with the HTTP/2 preface is metered at `rate`
+    /// control frames a second.
+    pub fn with_h2c(mut self, rate: Option<u32>) -> Self {
+        self.h2c_rate = rate;
+        self
+    }
+
+    /// A connection that is HTTP/2 from its first byte (ALPN `h2`), metered at `rate`.
+    pub fn h2(inner: Stream, rate: u32) -> Self {
+        // No deadline is ever polled in HTTP/2 mode; the values are placeholders.
+        let mut s = Self::new(
+            inner,
+            Duration::from_secs(86_400),
+            Duration::from_secs(86_400),
+        );
+        s.phase = Phase::Body;
+        s.h2 = Some(FrameMeter::new(rate));
+        s
     }
 
     /// Puts back the bytes of a request header the lean path read but leaves to the full path,
@@ -133,6 +163,52 @@ impl DeadlineStream {
     }
 }
 
+impl DeadlineStream {
+    /// An HTTP/2 connection's read: the bytes pass through the frame meter.
+    fn poll_read_h2(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        if self.rewound.is_empty() {
+            let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+            if !matches!(res, Poll::Ready(Ok(()))) {
+                return res;
+            }
+        } else {
+            let n = self.rewound.len().min(buf.remaining());
+            buf.put_slice(self.rewound.get(..n).unwrap_or_default());
+            self.rewound.drain(..n);
+        }
+        let Some(meter) = self.h2.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        match meter.feed(&buf.filled()[before..]) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(flood) => {
+                crate::metrics::metrics()
+                    .h2_floods
+                    .with_label_values(&[flood.label()])
+                    .inc();
+                let client = self
+                    .inner
+                    .get_socket_digest()
+                    .and_then(|d| d.peer_addr().map(ToString::to_string));
+                tracing::info!(
+                    frames = flood.label(),
+                    client,
+                    "HTTP/2 connection closed: control frame flood"
+                );
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "HTTP/2 control frame flood",
+                )))
+            }
+        }
+    }
+}
+
 impl AsyncRead for DeadlineStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -140,6 +216,9 @@ impl AsyncRead for DeadlineStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.h2.is_some() {
+            return this.poll_read_h2(cx, buf);
+        }
         if this.next_request.swap(false, Ordering::AcqRel) {
             this.phase = Phase::Idle;
             let at = Instant::now() + this.keepalive;
@@ -279,6 +358,14 @@ impl Peek for DeadlineStream {
         }
         let n = have.len().min(buf.len());
         buf[..n].copy_from_slice(&have[..n]);
+        if let Some(rate) = self.h2c_rate
+            && have.starts_with(PREFACE)
+        {
+            // h2c: no header deadline from here on (streams end and begin without an HTTP/1
+            // header between them), the frames metered from the preface on.
+            self.phase = Phase::Body;
+            self.h2 = Some(FrameMeter::new(rate));
+        }
         // Ahead of whatever was already put back and not read here.
         let rest = std::mem::take(&mut self.rewound);
         have.extend_from_slice(&rest);
@@ -341,6 +428,10 @@ pub struct HeaderDeadline<A> {
     pub proxy_protocol: bool,
     /// Serves plain HTTP/1.1 requests before `inner` sees the connection (`--lean-path`).
     pub lean: Option<Lean>,
+    /// HTTP/2 control frames a client may send a second (`--h2-max-control-frames-per-second`).
+    pub h2_control_rate: u32,
+    /// h2c with prior knowledge is served on the plain port.
+    pub h2c: bool,
 }
 
 #[async_trait]
@@ -368,11 +459,14 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
             stream
         };
         // HTTP/2 chosen in the TLS handshake: Pingora's HTTP/2 server takes the connection
-        // (its own limits bound the streams; the header deadline is an HTTP/1 defence).
+        // (its own limits bound the streams; the header deadline is an HTTP/1 defence), its
+        // control frames metered.
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            return self.inner.process_new(stream, shutdown).await;
+            let metered = DeadlineStream::h2(stream, self.h2_control_rate);
+            return self.inner.process_new(Box::new(metered), shutdown).await;
         }
-        let mut wrapped = DeadlineStream::new(stream, self.timeout, self.keepalive);
+        let mut wrapped = DeadlineStream::new(stream, self.timeout, self.keepalive)
+            .with_h2c(self.h2c.then_some(self.h2_control_rate));
         if let Some(lean) = &self.lean
             && let Served::Closed = lean.serve(&mut wrapped, shutdown).await
         {

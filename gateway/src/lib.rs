@@ -10,6 +10,7 @@ pub mod conn;
 pub mod drain;
 pub mod error;
 pub mod grpc;
+pub mod h2meter;
 pub mod keys;
 pub mod lean;
 pub mod limit;

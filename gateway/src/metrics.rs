@@ -44,6 +44,8 @@ pub struct Metrics {
     pub proxy_protocol_errors: IntCounterVec,
     /// Connections closed because their request header did not arrive within the deadline.
     pub header_timeouts: IntCounter,
+    /// HTTP/2 connections closed for a control-frame flood, by the frame that ran the budget out.
+    pub h2_floods: IntCounterVec,
     /// Watch events by kind and type.
     pub watch_events: IntCounterVec,
     /// 1 while a provider's watch is connected, by provider.
@@ -152,6 +154,13 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "sandbox_gateway_header_timeouts_total",
             "Connections closed because their request header did not arrive within --header-timeout-seconds."
         ))?,
+        h2_floods: register_int_counter_vec!(
+            opts!(
+                "sandbox_gateway_h2_floods_total",
+                "HTTP/2 connections closed for sending control frames faster than --h2-max-control-frames-per-second, by frame type."
+            ),
+            &["frame"]
+        )?,
         proxy_protocol_errors: register_int_counter_vec!(
             opts!(
                 "sandbox_gateway_proxy_protocol_errors_total",

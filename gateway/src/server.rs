@@ -94,6 +94,8 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
         keepalive: Duration::from_secs(config.keepalive_timeout_seconds),
         proxy_protocol: config.proxy_protocol,
         lean: config.lean_path.then(|| Lean::new(gateway.clone())),
+        h2_control_rate: config.h2_max_control_frames_per_second,
+        h2c: config.http2 && config.h2c,
     };
     let mut listener = Service::new("sandbox gateway".to_owned(), app);
     listener.add_tcp(&socket(config.bind, config.port));

@@ -244,6 +244,10 @@ struct Lab {
 
 impl Lab {
     async fn start() -> Lab {
+        Lab::start_with(&[]).await
+    }
+
+    async fn start_with(extra: &'static [&'static str]) -> Lab {
         let seen = Arc::new(Seen::default());
         let (h2, plain, locked) = (
             serve(seen.clone()).await,
@@ -284,7 +288,13 @@ impl Lab {
             .join("---\n"),
         );
         let gw = tokio::task::spawn_blocking(move || {
-            support::Gateway::start(&file, GatewayOptions::default())
+            support::Gateway::start(
+                &file,
+                GatewayOptions {
+                    extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+                    ..Default::default()
+                },
+            )
         })
         .await
         .unwrap();
@@ -517,6 +527,32 @@ async fn deadlines_reach_the_sandbox_and_cancellation_follows() {
     assert!(gave_up.is_err());
     assert_eq!(lab.seen.timeout.lock().unwrap().as_deref(), None);
     wait_abandoned(&lab.seen, 2).await;
+    lab.stop().await;
+}
+
+/// An h2c connection is not held to HTTP/1's header and keep-alive timeouts: a call that
+/// waits longer than both on a connection whose earlier stream ended still gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_call_outlives_the_http1_timeouts_of_its_connection() {
+    let lab = Lab::start_with(&[
+        "--keepalive-timeout-seconds",
+        "1",
+        "--header-timeout-seconds",
+        "1",
+    ])
+    .await;
+    let mut c = lab.client("h2", lab.h2.port()).await;
+    let ok = unary(&mut c, Request::new(Bytes::from_static(b"a"))).await;
+    assert_eq!(ok.unwrap().into_inner(), Bytes::from_static(b"echo:a"));
+    c.ready().await.unwrap();
+    let late = c
+        .unary(
+            Request::new(Bytes::new()),
+            PathAndQuery::from_static("/test.Echo/Slow"),
+            Raw,
+        )
+        .await;
+    assert_eq!(late.unwrap().into_inner(), Bytes::from_static(b"late"));
     lab.stop().await;
 }
 
