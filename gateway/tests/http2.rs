@@ -220,3 +220,50 @@ async fn h2c_prior_knowledge_beside_http1_on_the_plain_port() {
     assert_eq!(statuses, vec![200; 100]);
     tokio::task::spawn_blocking(move || drop(t)).await.unwrap();
 }
+
+#[test]
+fn h2_signed_routes_and_unavailable_sandboxes_as_over_http1() {
+    let dir = TempDir::new();
+    let ip = unique_loopback();
+    let _up = Upstream::start(ip, 7777);
+    let file = dir.write(
+        "s.yaml",
+        &format!(
+            "{}---\n{}",
+            batch_sandbox(
+                "sec",
+                "a",
+                1,
+                Some(&format!(r#"["{ip}"]"#)),
+                Some("annot-token")
+            ),
+            batch_sandbox("down", "a", 0, None, None)
+        ),
+    );
+    let gw = support::Gateway::start(
+        &file,
+        GatewayOptions {
+            keys: Some("k=cHFycw=="),
+            ..Default::default()
+        },
+    );
+    let h2c = |host: &str| {
+        let args = [
+            "--http2-prior-knowledge".to_owned(),
+            "-H".to_owned(),
+            format!("Host: {host}"),
+        ];
+        curl(&args, &[format!("http://{}/probe", gw.addr)])
+    };
+    // A valid signed route (key `k`, no expiry), the same route with a bad signature, a
+    // sandbox that is not ready.
+    assert_eq!(h2c("sec-7777-x2qxvk-65ad791ek.gw"), ["2 200"]);
+    assert_eq!(h2c("sec-7777-x2qxvk-aabbccddk.gw"), ["2 401"]);
+    assert_eq!(h2c("down-8080.gw"), ["2 503"]);
+    assert_eq!(
+        gw.metric("sandbox_gateway_auth_failures_total{reason=\"bad_signature\"}"),
+        1.0
+    );
+    // The access log line is the one HTTP/1.1 requests get.
+    gw.wait_log(r#""sandbox":"down","port":8080,"signed":false,"method":"GET","path":"/probe","status":503"#);
+}
