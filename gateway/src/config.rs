@@ -329,10 +329,6 @@ pub enum ConfigError {
     Tls(String),
     #[error("--tls-port must differ from --port and --metrics-port")]
     TlsPort,
-    #[error(
-        "--proxy-protocol with TLS is not supported yet (the PROXY header precedes the handshake)"
-    )]
-    TlsProxyProtocol,
     #[error("{0} is out of range: {1}")]
     Http2(&'static str, &'static str),
 }
@@ -406,9 +402,6 @@ impl Config {
         }
         if self.tls_port == self.port || self.tls_port == self.metrics_port {
             return Err(ConfigError::TlsPort);
-        }
-        if self.proxy_protocol {
-            return Err(ConfigError::TlsProxyProtocol);
         }
         let pairs: Vec<Pair> = self
             .tls_cert_file

@@ -374,17 +374,24 @@ impl Peek for DeadlineStream {
     }
 }
 
-/// Reads the PROXY protocol header off a fresh TCP connection and makes its source the
-/// connection's peer address; the bytes after the header are put back for the HTTP parser.
-/// Errors are metric reasons.
-async fn read_proxy_header(stream: Stream) -> Result<Stream, &'static str> {
+/// Reads the PROXY protocol header off a fresh TCP connection, within `timeout`, and makes its
+/// source the connection's peer address; the bytes after the header are put back for the HTTP
+/// parser (or the TLS handshake). A failure is counted and logged; `Err` is its metric reason.
+async fn read_proxy_header(l4: &mut L4Stream, timeout: Duration) -> Result<(), &'static str> {
+    let read = tokio::time::timeout(timeout, read_proxy_header_now(l4)).await;
+    read.unwrap_or(Err("timeout")).inspect_err(|reason| {
+        crate::metrics::metrics()
+            .proxy_protocol_errors
+            .with_label_values(&[reason])
+            .inc();
+        tracing::debug!(reason, "connection closed: no valid PROXY protocol header");
+    })
+}
+
+async fn read_proxy_header_now(l4: &mut L4Stream) -> Result<(), &'static str> {
     use std::os::fd::AsRawFd;
     use tokio::io::AsyncReadExt;
 
-    let mut l4 = stream
-        .into_any()
-        .downcast::<L4Stream>()
-        .map_err(|_| "not_tcp")?;
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 512];
     loop {
@@ -401,13 +408,33 @@ async fn read_proxy_header(stream: Stream) -> Result<Stream, &'static str> {
                     let _ = digest.peer_addr.set(Some(L4SocketAddr::Inet(source)));
                     l4.set_socket_digest(digest);
                 }
-                return Ok(l4);
+                return Ok(());
             }
             Ok(None) if buf.len() < proxy_protocol::MAX_HEADER => {}
             Ok(None) | Err(ParseError::TooLong) => return Err("too_long"),
             Err(ParseError::NotProxyProtocol) => return Err("missing"),
             Err(_) => return Err("malformed"),
         }
+    }
+}
+
+/// Reads the PROXY protocol header of a TLS listener's connections before their handshake,
+/// within the header timeout; a connection without a valid one is closed.
+pub struct ProxyHeaderBeforeTls {
+    pub timeout: Duration,
+}
+
+#[async_trait]
+impl pingora::listeners::PreTlsProcess for ProxyHeaderBeforeTls {
+    async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
+        read_proxy_header(stream, self.timeout)
+            .await
+            .map_err(|reason| {
+                pingora::Error::explain(
+                    pingora::ErrorType::AcceptError,
+                    format!("PROXY protocol: {reason}"),
+                )
+            })
     }
 }
 
@@ -441,20 +468,18 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let stream = if self.proxy_protocol {
-            // The PROXY header is part of the request header's time budget.
-            let read = tokio::time::timeout(self.timeout, read_proxy_header(stream)).await;
-            match read.unwrap_or(Err("timeout")) {
-                Ok(stream) => stream,
-                Err(reason) => {
-                    crate::metrics::metrics()
-                        .proxy_protocol_errors
-                        .with_label_values(&[reason])
-                        .inc();
-                    tracing::debug!(reason, "connection closed: no valid PROXY protocol header");
+        // A TLS connection's PROXY header was read before its handshake (`ProxyHeaderBeforeTls`).
+        let stream = if self.proxy_protocol && stream.get_ssl_digest().is_none() {
+            let mut l4 = match stream.into_any().downcast::<L4Stream>() {
+                Ok(l4) => l4,
+                Err(_) => {
+                    tracing::warn!("PROXY protocol on a connection that is not TCP; closed");
                     return None;
                 }
-            }
+            };
+            // The PROXY header is part of the request header's time budget.
+            read_proxy_header(&mut l4, self.timeout).await.ok()?;
+            l4
         } else {
             stream
         };

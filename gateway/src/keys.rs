@@ -70,16 +70,18 @@ impl BackgroundService for KeysReloader {
     }
 }
 
-/// Warns when the keys file can be read by anyone but its owner: the keys sign every route.
+/// Warns when the keys file can be read by every user: the keys sign every route. A file its
+/// group may read is not warned about: a Kubernetes Secret volume with `fsGroup` set is mounted
+/// that way (0440, the pod's group), which is how a non-root gateway reads it.
 pub fn warn_if_exposed(path: &std::path::Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path) {
         let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        if mode & 0o007 != 0 {
             tracing::warn!(
                 path = %path.display(),
                 mode = format!("{mode:o}"),
-                "the secure-access keys file is readable by group or others; make it 0600 or 0400"
+                "the secure-access keys file is readable by other users; make it 0600, 0400 or 0440"
             );
         }
     }

@@ -16,7 +16,7 @@ use pingora::services::listening::Service;
 
 use crate::admin::Admin;
 use crate::config::{Config, ConfigError, Provider};
-use crate::conn::HeaderDeadline;
+use crate::conn::{HeaderDeadline, ProxyHeaderBeforeTls};
 use crate::drain::{Drain, Signals};
 use crate::keys::KeysReloader;
 use crate::lean::Lean;
@@ -108,6 +108,14 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
             settings.enable_h2();
         }
         listener.add_tls_with_settings(&socket(config.bind, config.tls_port), None, settings);
+        if config.proxy_protocol {
+            // Only TLS listeners run it; the plain port reads its header in `HeaderDeadline`.
+            listener
+                .endpoints()
+                .set_pre_tls_callback(Arc::new(ProxyHeaderBeforeTls {
+                    timeout: Duration::from_secs(config.header_timeout_seconds),
+                }));
+        }
         background.push((
             "TLS certificate reloader".into(),
             Box::new(Reloader { pairs, resolver }),

@@ -160,7 +160,7 @@ fn key_file_is_reloaded() {
         "secrets must not be logged"
     );
     // The file was left readable by others (0644): said at start.
-    gw.wait_log("readable by group or others; make it 0600 or 0400");
+    gw.wait_log("readable by other users; make it 0600, 0400 or 0440");
 }
 
 #[test]
@@ -201,7 +201,8 @@ fn a_private_key_file_gets_no_warning() {
     let dir = TempDir::new();
     let file = dir.write("s.yaml", "apiVersion: v1\nkind: List\nitems: []\n");
     let keys = dir.write("keys", "k=cHFycw==\n");
-    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // 0440: what a Secret volume with fsGroup gives a non-root container.
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o440)).unwrap();
     let opts = GatewayOptions {
         extra: vec![
             "--secure-access-keys-file".into(),
@@ -212,7 +213,7 @@ fn a_private_key_file_gets_no_warning() {
     let gw = Gateway::start(&file, opts);
     gw.wait_log("sandbox gateway starting");
     assert!(
-        !gw.log_text().contains("readable by group or others"),
+        !gw.log_text().contains("readable by other users"),
         "{}",
         gw.log_text()
     );

@@ -28,19 +28,30 @@ struct Client {
 impl Client {
     /// Connects with SNI `sni` (`None`: by address, no SNI).
     fn connect(config: Arc<rustls::ClientConfig>, addr: SocketAddr, sni: Option<&str>) -> Client {
+        Client::try_connect(config, addr, sni, b"").unwrap()
+    }
+
+    /// Connects, sending `before` (a PROXY protocol header) ahead of the handshake.
+    fn try_connect(
+        config: Arc<rustls::ClientConfig>,
+        addr: SocketAddr,
+        sni: Option<&str>,
+        before: &[u8],
+    ) -> std::io::Result<Client> {
         let name = match sni {
             Some(n) => ServerName::try_from(n.to_owned()).unwrap(),
             None => ServerName::IpAddress(addr.ip().into()),
         };
         let conn = rustls::ClientConnection::new(config, name).unwrap();
-        let tcp = TcpStream::connect(addr).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut tcp = TcpStream::connect(addr)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        tcp.write_all(before)?;
         let mut tls = rustls::StreamOwned::new(conn, tcp);
-        tls.flush().unwrap();
+        tls.flush()?;
         while tls.conn.is_handshaking() {
-            tls.conn.complete_io(&mut tls.sock).unwrap();
+            tls.conn.complete_io(&mut tls.sock)?;
         }
-        Client { tls }
+        Ok(Client { tls })
     }
 
     /// The leaf certificate the gateway served.
@@ -76,6 +87,11 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with(&[])
+}
+
+/// As [`setup`], with `extra` flags.
+fn setup_with(extra: &[&str]) -> Setup {
     let dir = TempDir::new();
     let pki = Pki::new(dir.path());
     let wild = pki.leaf("wild", &["*.sandbox.test"], 20);
@@ -98,7 +114,10 @@ fn setup() -> Setup {
                 apex.0.display().to_string(),
                 "--tls-key-file".into(),
                 apex.1.display().to_string(),
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().map(|s| (*s).to_owned()))
+            .collect(),
             ..Default::default()
         },
     );
@@ -298,4 +317,55 @@ fn bad_pairs_refuse_start_up_naming_the_file() {
         .concat(),
         "--tls-port",
     );
+}
+
+#[test]
+fn the_proxy_protocol_header_comes_before_the_tls_handshake() {
+    let s = setup_with(&["--proxy-protocol", "--header-timeout-seconds", "1"]);
+    let host = format!("box-{}.sandbox.test", s.upstream.addr.port());
+    let header = b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 443\r\n";
+    let mut c = Client::try_connect(s.pki.client(), s.tls, Some(&host), header).unwrap();
+    let (status, body) = c.get(&host, "/hello");
+    assert_eq!(status, 200, "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let seen = |name: &str| {
+        echo["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h[0] == name)
+            .map(|h| h[1].as_str().unwrap().to_owned())
+    };
+    assert_eq!(seen("x-forwarded-for").as_deref(), Some("203.0.113.7"));
+    assert_eq!(seen("x-forwarded-proto").as_deref(), Some("https"));
+    s.gw.wait_log(r#""client":"203.0.113.7""#);
+    // A handshake without the header first is refused; so is a header that stops coming,
+    // after the header timeout (not the TLS library's own minute).
+    assert!(Client::try_connect(s.pki.client(), s.tls, Some(&host), b"").is_err());
+    let started = Instant::now();
+    let mut slow = TcpStream::connect(s.tls).unwrap();
+    slow.write_all(b"PROXY TCP4 ").unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    let n = std::io::Read::read(&mut slow, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let errors = |r: &str| {
+        s.gw.metric(&format!(
+            "sandbox_gateway_proxy_protocol_errors_total{{reason=\"{r}\"}}"
+        ))
+    };
+    assert_eq!(errors("missing"), 1.0);
+    assert_eq!(errors("timeout"), 1.0);
+    // The plain port still reads its own header.
+    let plain = support::client::raw(
+        s.gw.addr,
+        format!("PROXY TCP4 203.0.113.8 10.0.0.1 40000 80\r\nGET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(plain.status, 200);
 }
