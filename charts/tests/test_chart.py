@@ -192,6 +192,46 @@ def test_front_door_values_become_flags(chart):
     assert "--trusted-proxy-cidrs=10.0.0.0/8,192.0.2.1" in args
 
 
+def test_tls_secrets_are_mounted_and_served_on_their_own_port(chart):
+    objects = render(chart, {})
+    gateway = gateway_container(objects)
+    assert not [a for a in gateway["args"] if a.startswith(("--tls-", "--tls-port"))]
+    assert [p["name"] for p in gateway["ports"]] == ["proxy", "metrics"]
+    assert "--http2=true" in gateway["args"] and "--h2c=true" in gateway["args"]
+    assert "--h2-max-control-frames-per-second=100" in gateway["args"]
+    objects = render(chart, {"gateway": {
+        "tls": {"secrets": ["sandbox-wildcard", "apex.example"]},
+        "http2": {"maxConcurrentStreams": 250, "maxControlFramesPerSecond": 0},
+    }})
+    ds = one(objects, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    gateway = pod["containers"][0]
+    args = gateway["args"]
+    assert "--tls-port=28443" in args
+    # Pairs in order: each certificate followed by its key, the first the default.
+    pairs = [a for a in args if a.startswith(("--tls-cert-file", "--tls-key-file"))]
+    assert pairs == [
+        "--tls-cert-file=/etc/opensandbox/tls/sandbox-wildcard/tls.crt",
+        "--tls-key-file=/etc/opensandbox/tls/sandbox-wildcard/tls.key",
+        "--tls-cert-file=/etc/opensandbox/tls/apex.example/tls.crt",
+        "--tls-key-file=/etc/opensandbox/tls/apex.example/tls.key",
+    ]
+    assert "--h2-max-concurrent-streams=250" in args
+    assert "--h2-max-control-frames-per-second=0" in args
+    mounts = {m["name"]: m for m in gateway["volumeMounts"]}
+    assert mounts["tls-0"] == {"name": "tls-0", "mountPath": "/etc/opensandbox/tls/sandbox-wildcard", "readOnly": True}
+    assert "subPath" not in mounts["tls-1"], "a subPath mount never sees a renewed Secret"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tls-1"]["secret"]["secretName"] == "apex.example"
+    assert volumes["tls-1"]["secret"]["defaultMode"] == 0o440
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    assert {"name": "proxy-tls", "containerPort": 28443, "protocol": "TCP"} in gateway["ports"]
+    svc = one(objects, "Service", "os-opensandbox-gateway")
+    assert {"name": "https", "port": 443, "targetPort": "proxy-tls", "protocol": "TCP"} in svc["spec"]["ports"]
+    # No certificate material is in the render: the Secrets are the operator's (or cert-manager's).
+    assert not [o for o in objects if o["kind"] == "Secret"]
+
+
 def test_renew_intent_values_become_flags_and_the_password_stays_off_argv(chart):
     objects = render(chart, {})
     assert not [a for a in gateway_container(objects)["args"] if "renew-intent" in a]
@@ -232,6 +272,11 @@ def test_renew_intent_values_become_flags_and_the_password_stays_off_argv(chart)
     ({"gateway": {"authLimiterMaxClients": 0}}, "/gateway/authLimiterMaxClients"),
     ({"renewIntent": {"redisDsn": "http://redis:6379"}}, "/renewIntent/redisDsn"),
     ({"renewIntent": {"minIntervalSeconds": -1}}, "/renewIntent/minIntervalSeconds"),
+    ({"gateway": {"tls": {"secrets": ["Bad_Name"]}}}, "/gateway/tls/secrets/0"),
+    ({"gateway": {"tls": {"secrets": ["a", "a"]}}}, "/gateway/tls/secrets"),
+    ({"gateway": {"http2": {"maxConcurrentStreams": 0}}}, "/gateway/http2/maxConcurrentStreams"),
+    ({"gateway": {"http2": {"streamWindow": 100}}}, "/gateway/http2/streamWindow"),
+    ({"gateway": {"http2": {"maxControlFramesPerSecond": -1}}}, "/gateway/http2/maxControlFramesPerSecond"),
     ({"gatway": {}}, "gatway"),
 ])
 def test_schema_refuses_bad_values(chart, values, where):
@@ -249,6 +294,9 @@ def test_schema_refuses_bad_values(chart, values, where):
     ({"gateway": {"service": {"nodePort": 30080}}}, "gateway.service.nodePort is set"),
     ({"gateway": {"service": {"type": "ClusterIP", "loadBalancerSourceRanges": ["10.0.0.0/8"]}}},
      "gateway.service.loadBalancerSourceRanges needs"),
+    ({"gateway": {"tls": {"secrets": ["c"], "nodePort": 30443}}}, "gateway.tls.nodePort is set"),
+    ({"gateway": {"tls": {"secrets": ["c"], "port": 28888}}}, "gateway.tls.port (28888) must differ"),
+    ({"gateway": {"http2": {"enabled": False}}}, "gateway.http2.h2c needs gateway.http2.enabled"),
     ({"monitoring": {"prometheusRule": {"enabled": True}}}, "monitoring.coreos.com/v1"),
     ({"gateway": {"serviceMonitor": {"enabled": True}}}, "install the Prometheus Operator's CRDs first"),
 ])

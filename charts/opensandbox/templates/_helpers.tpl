@@ -91,6 +91,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and (ne $g.service.type "NodePort") $g.service.nodePort -}}
 {{- fail "gateway.service.nodePort is set but gateway.service.type is not NodePort" -}}
 {{- end -}}
+{{- if and (ne $g.service.type "NodePort") $g.tls.nodePort -}}
+{{- fail "gateway.tls.nodePort is set but gateway.service.type is not NodePort" -}}
+{{- end -}}
+{{- if and $g.tls.secrets (or (eq (int $g.tls.port) (int $g.port)) (eq (int $g.tls.port) (int $g.metricsPort))) -}}
+{{- fail (printf "gateway.tls.port (%v) must differ from gateway.port and gateway.metricsPort" $g.tls.port) -}}
+{{- end -}}
+{{- if and $g.http2.h2c (not $g.http2.enabled) -}}
+{{- fail "gateway.http2.h2c needs gateway.http2.enabled (set h2c: false to turn HTTP/2 off)" -}}
+{{- end -}}
 {{- if and (eq $g.service.type "ClusterIP") $g.service.loadBalancerSourceRanges -}}
 {{- fail "gateway.service.loadBalancerSourceRanges needs gateway.service.type: LoadBalancer" -}}
 {{- end -}}
