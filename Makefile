@@ -13,9 +13,10 @@ images:
 	scripts/images.sh
 	scripts/image-smoke.sh
 
-# Gateway vs nginx vs direct on loopback; prints a table and a verdict.
+# Gateway vs nginx vs direct on loopback; prints a table and a verdict. BASE=<git revision> adds
+# the gateway as built at that revision, with a before/after verdict.
 bench:
-	loadtest/run.sh
+	BASE=$(BASE) loadtest/run.sh
 
 # Route-table memory and time to ready at 100,000 sandboxes.
 scale:

@@ -14,9 +14,13 @@
 # more targets run on it: the gateway on the Kubernetes provider and the reference ingress
 # (GOMAXPROCS=1, its default logging), pinned like the others.
 #
+# With BASE set to a git revision, the gateway as built at that revision (scripts/gateway-at.sh)
+# runs beside today's with the same flags, and a verdict gives today's throughput per CPU-second
+# as a ratio of it: a before/after comparison in one run.
+#
 # Env: ROUNDS (3), DURATION (10s), CONNECTIONS (50), PAYLOAD (bytes in the upstream body, 128),
 # SAVE (1: write the report to loadtest/results/; the test command's short run sets 0),
-# REFERENCE_INGRESS_BIN (unset: no Kubernetes targets).
+# REFERENCE_INGRESS_BIN (unset: no Kubernetes targets), BASE (unset: no before/after target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +35,10 @@ scripts/setup.sh wrk nginx fonts-dejavu-core
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 cargo build --release -p gateway --bin sandbox-gateway >/dev/null
 GATEWAY=target/release/sandbox-gateway
+if [ -n "${BASE:-}" ]; then
+  BASELINE=$(scripts/gateway-at.sh "$BASE" | tail -n 1)
+  base_commit=$(git rev-parse --short "$BASE^{commit}")
+fi
 
 . loadtest/lib.sh
 
@@ -66,6 +74,12 @@ gateway_log_pid=$!
 # Every request through the full Pingora proxy: what the lean path saves.
 taskset -c $PROXY_CPU "$GATEWAY" "${gw_args[@]}" --port "$GWF" --metrics-port "$GWFM" --access-log=false --lean-path=false >/dev/null & pids+=($!)
 gateway_full_pid=$!
+if [ -n "${BASE:-}" ]; then
+  GWB=$(free_port); GWBM=$(free_port)
+  taskset -c $PROXY_CPU "$BASELINE" "${gw_args[@]}" --port "$GWB" --metrics-port "$GWBM" --access-log=false >/dev/null & pids+=($!)
+  gateway_base_pid=$!
+  for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$GWBM/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+fi
 
 for _ in $(seq 1 100); do
   curl -fs "http://127.0.0.1:$GWM/readyz" >/dev/null 2>&1 && curl -fs "http://127.0.0.1:$GWLM/readyz" >/dev/null 2>&1 \
@@ -77,6 +91,7 @@ route="OpenSandbox-Ingress-To: bench-$UP"
 curl -fs -H "$route" "http://127.0.0.1:$GW/" | grep -q x || { echo "gateway does not answer" >&2; exit 1; }
 
 targets=(direct nginx gateway gateway_log gateway_full)
+[ -n "${BASE:-}" ] && targets+=(gateway_base)
 if [ -n "${REFERENCE_INGRESS_BIN:-}" ]; then
   [ -x "$REFERENCE_INGRESS_BIN" ] || { echo "REFERENCE_INGRESS_BIN=$REFERENCE_INGRESS_BIN is not an executable" >&2; exit 1; }
   K8S_TESTENV_DIR=$(scripts/k8s-testenv/build.sh | tail -n 1)
@@ -122,6 +137,7 @@ proxy_pids() {
     gateway) echo "$gateway_pid" ;;
     gateway_log) echo "$gateway_log_pid" ;;
     gateway_full) echo "$gateway_full_pid" ;;
+    gateway_base) echo "$gateway_base_pid" ;;
     gateway_kube) echo "$gateway_kube_pid" ;;
     reference) echo "$reference_pid" ;;
   esac
@@ -134,6 +150,7 @@ url_of() {
     gateway) echo "http://127.0.0.1:$GW/" ;;
     gateway_log) echo "http://127.0.0.1:$GWL/" ;;
     gateway_full) echo "http://127.0.0.1:$GWF/" ;;
+    gateway_base) echo "http://127.0.0.1:$GWB/" ;;
     gateway_kube) echo "http://127.0.0.1:$GWK/" ;;
     reference) echo "http://127.0.0.1:$REF/" ;;
   esac
@@ -176,6 +193,7 @@ report=$(
       gateway) name="sandbox-gateway" ;;
       gateway_log) name="sandbox-gateway, access log" ;;
       gateway_full) name="sandbox-gateway, full path" ;;
+      gateway_base) name="sandbox-gateway at $base_commit" ;;
       gateway_kube) name="sandbox-gateway, Kubernetes" ;;
       reference) name="reference ingress (Go)" ;;
     esac
@@ -193,6 +211,11 @@ report=$(
   awk -v a="$gw" -v b="$nginx_cpu" -v p="$(median "${p99[gateway]}")" -v q="$(median "${p99[nginx]}")" 'BEGIN {
     r = a / b; l = p / q
     printf "verdict: sandbox-gateway serves %.2fx nginx proxy_pass per CPU-second (goal 0.80x: %s); p99 %.2fx nginx (goal at most 1.5x: %s)\n", r, (r >= 0.8 ? "met" : "not met"), l, (l <= 1.5 ? "met" : "not met") }'
+  if [ -n "${BASE:-}" ]; then
+    awk -v a="$gw" -v b="$(median "${per_cpu[gateway_base]}")" -v p="$(median "${p99[gateway]}")" \
+      -v q="$(median "${p99[gateway_base]}")" -v base="$base_commit" -v now="$commit" 'BEGIN {
+      r = a / b; printf "verdict: sandbox-gateway at %s serves %.2fx itself at %s per CPU-second (p99 %.2fx; no drop: %s)\n", now, r, base, p / q, (r >= 0.95 ? "met" : "not met") }'
+  fi
   if [ -n "${per_cpu[reference]:-}" ]; then
     awk -v a="$(median "${per_cpu[gateway_kube]}")" -v b="$(median "${per_cpu[reference]}")" 'BEGIN {
       r = a / b; printf "verdict: sandbox-gateway (Kubernetes provider) serves %.1fx the reference ingress per CPU-second (goal 6x: %s)\n", r, (r >= 6 ? "met" : "not met") }'

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
+use pingora::listeners::tls::Acceptor;
 use pingora::protocols::l4::socket::SocketAddr as L4SocketAddr;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::raw_connect::ProxyDigest;
@@ -418,26 +419,6 @@ async fn read_proxy_header_now(l4: &mut L4Stream) -> Result<(), &'static str> {
     }
 }
 
-/// Reads the PROXY protocol header of a TLS listener's connections before their handshake,
-/// within the header timeout; a connection without a valid one is closed.
-pub struct ProxyHeaderBeforeTls {
-    pub timeout: Duration,
-}
-
-#[async_trait]
-impl pingora::listeners::PreTlsProcess for ProxyHeaderBeforeTls {
-    async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
-        read_proxy_header(stream, self.timeout)
-            .await
-            .map_err(|reason| {
-                pingora::Error::explain(
-                    pingora::ErrorType::AcceptError,
-                    format!("PROXY protocol: {reason}"),
-                )
-            })
-    }
-}
-
 /// Marks the request on `stream` finished, if it is one of ours.
 pub fn request_done(stream: Option<&Stream>) {
     if let Some(s) = stream.and_then(|s| s.as_any().downcast_ref::<DeadlineStream>()) {
@@ -459,6 +440,18 @@ pub struct HeaderDeadline<A> {
     pub h2_control_rate: u32,
     /// h2c with prior knowledge is served on the plain port.
     pub h2c: bool,
+    /// The TLS listener: its port, and the acceptor for its handshakes.
+    pub tls: Option<(u16, Arc<Acceptor>)>,
+}
+
+impl<A> HeaderDeadline<A> {
+    /// The TLS acceptor when `stream` came in on the TLS port.
+    fn tls_for(&self, stream: &Stream) -> Option<&Acceptor> {
+        let (port, acceptor) = self.tls.as_ref()?;
+        let digest = stream.get_socket_digest()?;
+        let local = digest.local_addr()?.as_inet()?.port();
+        (local == *port).then_some(acceptor.as_ref())
+    }
 }
 
 #[async_trait]
@@ -468,8 +461,9 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        // A TLS connection's PROXY header was read before its handshake (`ProxyHeaderBeforeTls`).
-        let stream = if self.proxy_protocol && stream.get_ssl_digest().is_none() {
+        let tls = self.tls_for(&stream);
+        // The PROXY header comes first, before a TLS handshake too.
+        let stream = if self.proxy_protocol {
             let mut l4 = match stream.into_any().downcast::<L4Stream>() {
                 Ok(l4) => l4,
                 Err(_) => {
@@ -482,6 +476,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
             l4
         } else {
             stream
+        };
+        let stream = match tls {
+            Some(acceptor) => self.handshake(acceptor, stream).await?,
+            None => stream,
         };
         // HTTP/2 chosen in the TLS handshake: Pingora's HTTP/2 server takes the connection
         // (its own limits bound the streams; the header deadline is an HTTP/1 defence), its
@@ -502,6 +500,31 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
 
     async fn cleanup(&self) {
         self.inner.cleanup().await
+    }
+}
+
+impl<A> HeaderDeadline<A> {
+    /// The TLS handshake, under the header timeout (a client that opens connections and never
+    /// finishes a handshake holds each for that long, not for the TLS library's minute).
+    async fn handshake(&self, acceptor: &Acceptor, stream: Stream) -> Option<Stream> {
+        let m = crate::metrics::metrics();
+        let Ok(l4) = stream.into_any().downcast::<L4Stream>() else {
+            tracing::warn!("TLS on a connection that is not TCP; closed");
+            return None;
+        };
+        match tokio::time::timeout(self.timeout, acceptor.tls_handshake(*l4)).await {
+            Ok(Ok(tls)) => Some(Box::new(tls)),
+            Ok(Err(e)) => {
+                m.tls_handshake_errors.with_label_values(&["failed"]).inc();
+                tracing::debug!(error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                m.tls_handshake_errors.with_label_values(&["timeout"]).inc();
+                tracing::debug!("TLS handshake not finished within the header timeout");
+                None
+            }
+        }
     }
 }
 

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub header_timeouts: IntCounter,
     /// HTTP/2 connections closed for a control-frame flood, by the frame that ran the budget out.
     pub h2_floods: IntCounterVec,
+    /// TLS handshakes that failed or did not finish within the header timeout.
+    pub tls_handshake_errors: IntCounterVec,
     /// Watch events by kind and type.
     pub watch_events: IntCounterVec,
     /// 1 while a provider's watch is connected, by provider.
@@ -154,6 +156,13 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "sandbox_gateway_header_timeouts_total",
             "Connections closed because their request header did not arrive within --header-timeout-seconds."
         ))?,
+        tls_handshake_errors: register_int_counter_vec!(
+            opts!(
+                "sandbox_gateway_tls_handshake_errors_total",
+                "TLS handshakes that failed (failed) or did not finish within --header-timeout-seconds (timeout)."
+            ),
+            &["reason"]
+        )?,
         h2_floods: register_int_counter_vec!(
             opts!(
                 "sandbox_gateway_h2_floods_total",

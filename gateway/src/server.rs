@@ -16,7 +16,7 @@ use pingora::services::listening::Service;
 
 use crate::admin::Admin;
 use crate::config::{Config, ConfigError, Provider};
-use crate::conn::{HeaderDeadline, ProxyHeaderBeforeTls};
+use crate::conn::HeaderDeadline;
 use crate::drain::{Drain, Signals};
 use crate::keys::KeysReloader;
 use crate::lean::Lean;
@@ -88,6 +88,26 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
         proxy.server_options = Some(options);
         proxy.h2_options = Some(config.h2_options()?);
     }
+    // The TLS port is a TCP listener whose handshakes `HeaderDeadline` runs itself: after the
+    // PROXY header when there is one, and under the header timeout.
+    let tls = match config.tls()? {
+        Some((pairs, certs)) => {
+            let resolver = Resolver::new(certs);
+            let mut settings =
+                TlsSettings::intermediate("", "").map_err(|e| ConfigError::Tls(e.to_string()))?;
+            settings.set_cert_resolver(resolver.clone());
+            if config.http2 {
+                settings.enable_h2();
+            }
+            background.push((
+                "TLS certificate reloader".into(),
+                Box::new(Reloader { pairs, resolver }),
+            ));
+            Some((config.tls_port, Arc::new(settings.build())))
+        }
+        None => None,
+    };
+    let tls_port = tls.as_ref().map(|(port, _)| *port);
     let app = HeaderDeadline {
         inner: Arc::new(proxy),
         timeout: Duration::from_secs(config.header_timeout_seconds),
@@ -96,30 +116,12 @@ pub fn run(config: Config) -> Result<(), ConfigError> {
         lean: config.lean_path.then(|| Lean::new(gateway.clone())),
         h2_control_rate: config.h2_max_control_frames_per_second,
         h2c: config.http2 && config.h2c,
+        tls,
     };
     let mut listener = Service::new("sandbox gateway".to_owned(), app);
     listener.add_tcp(&socket(config.bind, config.port));
-    if let Some((pairs, certs)) = config.tls()? {
-        let resolver = Resolver::new(certs);
-        let mut settings =
-            TlsSettings::intermediate("", "").map_err(|e| ConfigError::Tls(e.to_string()))?;
-        settings.set_cert_resolver(resolver.clone());
-        if config.http2 {
-            settings.enable_h2();
-        }
-        listener.add_tls_with_settings(&socket(config.bind, config.tls_port), None, settings);
-        if config.proxy_protocol {
-            // Only TLS listeners run it; the plain port reads its header in `HeaderDeadline`.
-            listener
-                .endpoints()
-                .set_pre_tls_callback(Arc::new(ProxyHeaderBeforeTls {
-                    timeout: Duration::from_secs(config.header_timeout_seconds),
-                }));
-        }
-        background.push((
-            "TLS certificate reloader".into(),
-            Box::new(Reloader { pairs, resolver }),
-        ));
+    if let Some(port) = tls_port {
+        listener.add_tcp(&socket(config.bind, port));
     }
     server.add_service(listener);
 

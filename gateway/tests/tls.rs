@@ -369,3 +369,44 @@ fn the_proxy_protocol_header_comes_before_the_tls_handshake() {
     .unwrap();
     assert_eq!(plain.status, 200);
 }
+
+#[test]
+fn a_handshake_that_never_finishes_is_closed_at_the_header_timeout() {
+    let s = setup_with(&["--header-timeout-seconds", "1"]);
+    // One connection says nothing; another sends the first bytes of a ClientHello and stops.
+    let mut silent = TcpStream::connect(s.tls).unwrap();
+    let mut partial = TcpStream::connect(s.tls).unwrap();
+    partial
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .unwrap();
+    let started = Instant::now();
+    for conn in [&mut silent, &mut partial] {
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = std::io::Read::read(conn, &mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "closed without an answer");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // Counted as the socket closes (the count may trail the close by a moment).
+    let counted = |reason: &str, n: f64| {
+        let name = format!("sandbox_gateway_tls_handshake_errors_total{{reason=\"{reason}\"}}");
+        let end = Instant::now() + Duration::from_secs(2);
+        while s.gw.metric(&name) < n && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(s.gw.metric(&name), n, "{reason}");
+    };
+    counted("timeout", 2.0);
+    // A client that is not TLS at all fails its handshake at once.
+    let plain = support::client::raw(s.tls, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(plain.is_err() || plain.unwrap().status == 0);
+    counted("failed", 1.0);
+    // And a real client is served all along.
+    let host = format!("box-{}.sandbox.test", s.upstream.addr.port());
+    let mut c = Client::connect(s.pki.client(), s.tls, Some(&host));
+    assert_eq!(c.get(&host, "/").0, 200);
+}
