@@ -223,7 +223,10 @@ fn a_hanging_or_failing_webhook_does_not_slow_dns() {
         println!(
             "{N} denied queries: no webhook {without:?}, webhook that {mode}s {took:?}: ratio {ratio:.2}"
         );
-        assert!(ratio < 1.5, "a webhook that {mode}s slowed DNS: {ratio:.2}");
+        // Delivery that blocked the DNS path would cost at least a connect per denial (200
+        // attempts of up to 5 s): a ratio in the tens or more. 3x leaves room for the noise of
+        // a shared 2-core machine (1.66 was seen once during a full test run).
+        assert!(ratio < 3.0, "a webhook that {mode}s slowed DNS: {ratio:.2}");
     }
     assert!(!records(&hang).is_empty(), "the hanging hook was called");
 
