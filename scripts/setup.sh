@@ -15,6 +15,8 @@ have nft || need+=(nftables)
 have dnsmasq || need+=(dnsmasq-base)
 have dig || need+=(dnsutils)
 have setpriv || need+=(util-linux)
+# The conntrack table read in a namespace (the sidecar's own flows must not carry sandbox packets).
+have conntrack || need+=(conntrack)
 # Renew intents: the gateway and controller tests start a real redis-server.
 have redis-server || need+=(redis-server)
 for pkg in "$@"; do

@@ -67,10 +67,6 @@ fn denied_batch(lab: &Lab, tag: &str, n: usize) -> Duration {
     let out = lab
         .in_sandbox("dig")
         .args(["+tries=1", "+timeout=3", "+noall", "+comments"])
-        // One source port outside the ephemeral range for the whole batch: a random port could
-        // be one the sidecar's upstream probe just used, whose conntrack entry (not redirected)
-        // would carry the query past the proxy to the resolver in dns mode.
-        .args(["-b", "198.51.100.1#20054"])
         .arg(format!("@{DNS}"))
         .arg("-f")
         .arg(&file)
@@ -395,4 +391,51 @@ fn the_upstream_probe_asks_its_question_and_demotes_a_dead_upstream() {
         )),
         "{metrics}"
     );
+}
+
+/// A source port the sidecar's own lookups used towards the resolver, read off the namespace's
+/// conntrack table: an entry whose answer comes from the resolver itself (a sandbox's query is
+/// answered by the proxy on loopback).
+fn sidecar_source_port(lab: &Lab) -> Option<u16> {
+    let out = lab
+        .in_sandbox("conntrack")
+        .args(["-L", "-p", "udp", "--orig-dst", DNS, "--dport", "53"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter(|l| l.contains(&format!("src={DNS} dst=")))
+        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("sport=")))
+        .and_then(|p| p.parse().ok())
+}
+
+/// The sidecar's own lookups leave conntrack entries behind their closed sockets, and a sandbox
+/// process can see those ports (`/proc/net/udp` is the namespace's) and bind one. Its query
+/// must still be redirected to the proxy, not ride the sidecar's entry to the resolver: the
+/// sidecar's flows are tracked in a conntrack zone of their own.
+#[test]
+fn a_query_from_a_port_the_sidecar_used_is_still_redirected() {
+    let _serial = serial();
+    let mut lab = Lab::new();
+    lab.start_sidecar(&[
+        ("OPENSANDBOX_EGRESS_RULES", ALLOW_SOME),
+        ("OPENSANDBOX_EGRESS_DNS_UPSTREAM_PROBE", "allowed.test"),
+        ("OPENSANDBOX_EGRESS_DNS_UPSTREAM_PROBE_INTERVAL_SEC", "1"),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let port = loop {
+        if let Some(port) = sidecar_source_port(&lab) {
+            break port;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no lookup of the sidecar's in the conntrack table"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // A denied name, asked from that very port: the proxy's NXDOMAIN, not dnsmasq's address.
+    let bind = format!("198.51.100.1#{port}");
+    let (status, answers) = lab.dig("blocked.test", &["-b", &bind]);
+    assert_eq!(status, "NXDOMAIN", "from port {port}: {answers:?}");
+    assert!(lab.log().contains("denied"), "{}", lab.log());
 }

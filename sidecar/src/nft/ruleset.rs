@@ -12,6 +12,9 @@ use crate::config::{Mode, SOCKET_MARK};
 use crate::engine::parse_net;
 use crate::identity::MAX_LEVEL;
 
+/// The conntrack zone of the sidecar's own flows (original direction).
+const SIDECAR_ZONE: u16 = 1;
+
 /// Everything that decides the static part of the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StaticSpec {
@@ -164,6 +167,21 @@ pub fn static_script(spec: &StaticSpec, takeover: bool, fence: &Fence) -> String
         let _ = writeln!(
             s,
             "add rule inet {t} sidecar socket cgroupv2 level {level} \"{cgroup}\" accept"
+        );
+    }
+    // The sidecar's own flows are tracked in a conntrack zone of their own, in the original
+    // direction. Its closed sockets leave entries behind (tens of seconds), and a sandbox process
+    // can see their ports and bind one: in the shared zone its packets would match the entry and
+    // skip the redirect below. Replies still match in the default zone (the reply direction's).
+    let _ = writeln!(
+        s,
+        "add chain inet {t} sidecar_zone {{ type filter hook output priority raw; }}"
+    );
+    let _ = writeln!(s, "flush chain inet {t} sidecar_zone");
+    for level in 1..=MAX_LEVEL {
+        let _ = writeln!(
+            s,
+            "add rule inet {t} sidecar_zone meta mark {SOCKET_MARK:#x} socket cgroupv2 level {level} \"{cgroup}\" ct original zone set {SIDECAR_ZONE}"
         );
     }
     let port = spec.dns_port;
@@ -413,6 +431,9 @@ mod tests {
             "the mark alone admits nothing"
         );
         assert!(s.contains("sidecar socket cgroupv2 level 1 \"unified/sidecar\" accept"));
+        assert!(s.contains(
+            "sidecar_zone meta mark 0x1 socket cgroupv2 level 1 \"unified/sidecar\" ct original zone set 1\n"
+        ));
         assert!(s.contains("egress ct state established,related ct mark 0x2a accept"));
         assert!(s.contains("egress ip daddr @allow_v4 ct mark set 0x2a accept"));
         let dns_only = static_script(
@@ -424,6 +445,7 @@ mod tests {
             &fence,
         );
         assert!(dns_only.contains("dns_redirect meta mark 0x1 jump sidecar"));
+        assert!(dns_only.contains("ct original zone set 1"));
         assert!(!dns_only.contains("egress"));
         assert_eq!(element_timeout(0), 60);
         assert_eq!(element_timeout(120), 180);
