@@ -351,7 +351,8 @@ impl Config {
             return Err(ConfigError::LimiterCapacity);
         }
         self.renew()?;
-        self.tls()?;
+        // The files are read once, when the listener is built.
+        self.tls_pairs()?;
         self.h2_options()?;
         let keys = match (&self.secure_access_keys, &self.secure_access_keys_file) {
             (Some(text), _) => KeyRing::parse(text)?,
@@ -390,20 +391,16 @@ impl Config {
         }))
     }
 
-    /// The TLS pairs and their certificates loaded once (a bad pair refuses start-up), or
-    /// `None` when no certificate is given.
-    pub fn tls(&self) -> Result<Option<(Vec<Pair>, Certificates)>, ConfigError> {
+    /// The TLS pairs as given (counted and their port checked, nothing read).
+    fn tls_pairs(&self) -> Result<Vec<Pair>, ConfigError> {
         let (certs, keys) = (self.tls_cert_file.len(), self.tls_key_file.len());
         if certs != keys {
             return Err(ConfigError::TlsPairs { certs, keys });
         }
-        if certs == 0 {
-            return Ok(None);
-        }
-        if self.tls_port == self.port || self.tls_port == self.metrics_port {
+        if certs > 0 && (self.tls_port == self.port || self.tls_port == self.metrics_port) {
             return Err(ConfigError::TlsPort);
         }
-        let pairs: Vec<Pair> = self
+        Ok(self
             .tls_cert_file
             .iter()
             .zip(&self.tls_key_file)
@@ -411,7 +408,16 @@ impl Config {
                 cert: cert.clone(),
                 key: key.clone(),
             })
-            .collect();
+            .collect())
+    }
+
+    /// The TLS pairs and their certificates, read from disk (a bad pair refuses start-up), or
+    /// `None` when no certificate is given.
+    pub fn tls(&self) -> Result<Option<(Vec<Pair>, Certificates)>, ConfigError> {
+        let pairs = self.tls_pairs()?;
+        if pairs.is_empty() {
+            return Ok(None);
+        }
         let loaded = Certificates::load(&pairs).map_err(ConfigError::Tls)?;
         Ok(Some((pairs, loaded)))
     }

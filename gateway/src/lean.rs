@@ -211,6 +211,7 @@ impl Lean {
         let limits = &self.gateway.limits;
         let endpoints = admitted.entry.endpoints().len();
         let mut tries = 0;
+        let tls = down.get_ssl().is_some();
         let (mut up, target, head) = loop {
             let Some(ip) = admitted.entry.pick() else {
                 return self.fail(down, outcome, "other").await;
@@ -219,7 +220,6 @@ impl Lean {
             outcome.target = Some(target);
             tries += 1;
             bufs.out.clear();
-            let tls = down.get_ssl().is_some();
             write_request(&mut bufs.out, req, admitted, target, tls);
             bufs.out.extend_from_slice(body);
             // A kept-alive connection may have been closed by the sandbox meanwhile: then the

@@ -370,7 +370,7 @@ impl Gateway {
         let result = async {
             let mut resp = ResponseHeader::build(200, Some(5))?;
             resp.insert_header(CONTENT_TYPE, GRPC_CONTENT_TYPE)?;
-            resp.insert_header(GRPC_STATUS, grpc::code_of(e).as_str())?;
+            resp.insert_header(GRPC_STATUS, u16::from(grpc::code_of(e) as u8))?;
             resp.insert_header(GRPC_MESSAGE, grpc::encode_message(&e.to_string()))?;
             resp.insert_header(CONTENT_LENGTH, 0)?;
             if let Some(secs) = e.retry_after() {

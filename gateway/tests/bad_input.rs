@@ -5,12 +5,11 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::client::{get, raw};
 use support::upstream::Upstream;
-use support::{Gateway, GatewayOptions, TempDir, batch_sandbox, gateway_binary, unique_loopback};
+use support::{Gateway, GatewayOptions, TempDir, batch_sandbox, start_fails, unique_loopback};
 
 fn gateway(extra: &[&str]) -> (Gateway, Upstream, TempDir, String) {
     let ip = unique_loopback();
@@ -179,30 +178,6 @@ fn idle_keepalive_connections_are_closed() {
         waited >= Duration::from_millis(800) && waited < Duration::from_secs(3),
         "closed after {waited:?}"
     );
-}
-
-/// Runs the gateway expecting it to refuse `args`; one that starts instead is stopped and fails
-/// the test rather than hanging it.
-fn start_fails(args: &[&str]) -> String {
-    let mut child = Command::new(gateway_binary())
-        .args(args)
-        .env_remove("OPENSANDBOX_SECURE_ACCESS_KEYS")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("started with {args:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success(), "started with {args:?}");
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]

@@ -7,14 +7,13 @@ mod support;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
 use support::redis::Redis;
-use support::{GatewayOptions, TempDir, gateway_binary, single_sandbox};
+use support::{GatewayOptions, TempDir, single_sandbox};
 
 const KEY: &str = "opensandbox:renew:intent";
 
@@ -365,23 +364,7 @@ fn the_password_comes_from_the_environment_or_a_file() {
 
 /// Runs the gateway with `args` and expects it to refuse to start, naming `flag`.
 fn refused(args: &[&str], flag: &str) {
-    let dir = TempDir::new();
-    let file = dir.write("s.yaml", "");
-    let out = Command::new(gateway_binary())
-        .args([
-            "--provider-type",
-            "file",
-            "--sandbox-file",
-            file.to_str().unwrap(),
-        ])
-        .args(["--bind", "127.0.0.1", "--port", "1", "--metrics-port", "2"])
-        .args(args)
-        .env_remove("OPENSANDBOX_RENEW_INTENT_REDIS_PASSWORD")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started with {args:?}");
+    let stderr = support::start_fails_with(args);
     assert!(stderr.contains(flag), "{args:?}: {stderr}");
     assert!(!stderr.contains("hunter2"), "the password leaked: {stderr}");
 }

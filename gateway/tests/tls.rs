@@ -9,14 +9,13 @@ mod support;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use support::pki::Pki;
-use support::{GatewayOptions, TempDir, batch_sandbox, gateway_binary, unique_loopback};
+use support::{GatewayOptions, TempDir, batch_sandbox, unique_loopback};
 
 const TLS_PORT: u16 = 28443;
 
@@ -262,22 +261,7 @@ fn certificates_swapped_on_disk_serve_new_connections_and_spare_open_ones() {
 
 /// Starts the gateway with `args` and expects it to refuse, naming `needle`.
 fn refused(args: &[String], needle: &str) {
-    let dir = TempDir::new();
-    let file = dir.write("s.yaml", "");
-    let out = Command::new(gateway_binary())
-        .args([
-            "--provider-type",
-            "file",
-            "--sandbox-file",
-            file.to_str().unwrap(),
-        ])
-        .args(["--bind", "127.0.0.1", "--port", "1", "--metrics-port", "2"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started with {args:?}");
+    let stderr = support::start_fails_with(args);
     assert!(stderr.contains(needle), "{args:?}: {stderr}");
 }
 

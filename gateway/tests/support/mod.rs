@@ -344,3 +344,53 @@ pub fn kube_gateway(kubeconfig: &Path, providers: &str, opts: GatewayOptions<'_>
     }
     Gateway::spawn_with(provider, opts)
 }
+
+/// Runs the gateway expecting it to refuse `args`; its standard error. One that starts instead
+/// is stopped and fails the test rather than hanging it. The credentials a test may pass
+/// through the environment are cleared, so only `args` decide.
+pub fn start_fails<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
+    let mut child = Command::new(gateway_binary())
+        .args(args)
+        .env_remove("OPENSANDBOX_SECURE_ACCESS_KEYS")
+        .env_remove("OPENSANDBOX_RENEW_INTENT_REDIS_PASSWORD")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("started with {args:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "started with {args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// As [`start_fails`], on a file provider with an empty sandbox file and ports of no use.
+pub fn start_fails_with<S: AsRef<str>>(args: &[S]) -> String {
+    let dir = TempDir::new();
+    let file = dir.write("s.yaml", "");
+    let mut all: Vec<String> = [
+        "--provider-type",
+        "file",
+        "--sandbox-file",
+        file.to_str().unwrap(),
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "1",
+        "--metrics-port",
+        "2",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    all.extend(args.iter().map(|a| a.as_ref().to_owned()));
+    start_fails(&all)
+}

@@ -22,6 +22,15 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// `openssl req` arguments for a new P-256 key, unencrypted.
+const NEW_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+];
+
 /// A test CA in `dir`, and leaf certificates it signs.
 pub struct Pki {
     pub dir: PathBuf,
@@ -32,22 +41,20 @@ impl Pki {
         openssl(
             dir,
             &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-subj",
-                "/CN=test CA",
-                "-days",
-                "30",
-            ],
+                &["req", "-x509"][..],
+                &NEW_KEY,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-subj",
+                    "/CN=test CA",
+                    "-days",
+                    "30",
+                ],
+            ]
+            .concat(),
         );
         Pki {
             dir: dir.to_owned(),
@@ -69,22 +76,15 @@ impl Pki {
             format!("{name}.csr"),
             format!("{name}.pem.new"),
         );
+        let subject = format!("/CN={}", dns[0]);
         openssl(
             &self.dir,
             &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &format!("/CN={}", dns[0]),
-            ],
+                &["req"][..],
+                &NEW_KEY,
+                &["-keyout", &key, "-out", &csr, "-subj", &subject],
+            ]
+            .concat(),
         );
         openssl(
             &self.dir,
