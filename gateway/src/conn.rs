@@ -1,8 +1,8 @@
 //! Downstream connections with a deadline on the request header: a client must deliver a
 //! whole header within the header timeout, however it spaces its bytes (slowloris defence).
-//! Pingora only bounds each single read, so the deadline lives in a stream wrapper. An HTTP/2
-//! connection has no header deadline; the same wrapper meters its control frames instead
-//! (see `h2meter`).
+//! Pingora only bounds each single read, so the deadline lives in a stream wrapper. On an
+//! HTTP/2 connection the deadline covers the client's preface and first frame and each header
+//! block, and the same wrapper meters its control frames (see `h2meter`).
 
 use std::io;
 use std::pin::Pin;
@@ -90,7 +90,8 @@ pub struct DeadlineStream {
     next_request: AtomicBool,
     /// Bytes read once and put back (see [`DeadlineStream::rewind`]), served before the socket.
     rewound: Vec<u8>,
-    /// Set once the connection is HTTP/2: its frames are metered and no header deadline runs.
+    /// Set once the connection is HTTP/2: its frames are metered, and the header deadline runs
+    /// while the meter says a preface or header block is owed.
     h2: Option<FrameMeter>,
     /// The control-frame rate for an h2c connection found by [`Peek::try_peek`]; `None`: h2c
     /// is off, so the preface is not treated as HTTP/2.
@@ -119,16 +120,12 @@ impl DeadlineStream {
         self
     }
 
-    /// A connection that is HTTP/2 from its first byte (ALPN `h2`), metered at `rate`.
-    pub fn h2(inner: Stream, rate: u32) -> Self {
-        // No deadline is ever polled in HTTP/2 mode; the values are placeholders.
-        let mut s = Self::new(
-            inner,
-            Duration::from_secs(86_400),
-            Duration::from_secs(86_400),
-        );
+    /// A connection that is HTTP/2 from its first byte (ALPN `h2`), metered at `rate`; its
+    /// preface is owed within `timeout` from now.
+    pub fn h2(inner: Stream, rate: u32, timeout: Duration) -> Self {
+        let mut s = Self::new(inner, timeout, timeout);
         s.phase = Phase::Body;
-        s.h2 = Some(FrameMeter::new(rate));
+        s.h2 = Some(FrameMeter::new(rate, Instant::now().into_std()));
         s
     }
 
@@ -171,6 +168,15 @@ impl DeadlineStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.h2.as_ref().is_some_and(FrameMeter::header_pending)
+            && self.deadline.as_mut().poll(cx).is_ready()
+        {
+            crate::metrics::metrics().header_timeouts.inc();
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "HTTP/2 preface or request header not received within the header timeout",
+            )));
+        }
         let before = buf.filled().len();
         if self.rewound.is_empty() {
             let res = Pin::new(&mut self.inner).poll_read(cx, buf);
@@ -185,7 +191,14 @@ impl DeadlineStream {
         let Some(meter) = self.h2.as_mut() else {
             return Poll::Ready(Ok(()));
         };
-        match meter.feed(&buf.filled()[before..]) {
+        let now = Instant::now();
+        let opened = meter.blocks_opened();
+        let fed = meter.feed(&buf.filled()[before..], now.into_std());
+        if meter.blocks_opened() != opened {
+            // A new header block: it is owed within the header timeout from now.
+            self.deadline.as_mut().reset(now + self.timeout);
+        }
+        match fed {
             Ok(()) => Poll::Ready(Ok(())),
             Err(flood) => {
                 crate::metrics::metrics()
@@ -362,10 +375,11 @@ impl Peek for DeadlineStream {
         if let Some(rate) = self.h2c_rate
             && have.starts_with(PREFACE)
         {
-            // h2c: no header deadline from here on (streams end and begin without an HTTP/1
-            // header between them), the frames metered from the preface on.
+            // h2c: from here the frames are metered from the preface on, and the deadline
+            // (still the one of the connection's start) covers the preface, the first frame
+            // and each header block, not the HTTP/1 header.
             self.phase = Phase::Body;
-            self.h2 = Some(FrameMeter::new(rate));
+            self.h2 = Some(FrameMeter::new(rate, Instant::now().into_std()));
         }
         // Ahead of whatever was already put back and not read here.
         let rest = std::mem::take(&mut self.rewound);
@@ -482,10 +496,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
             None => stream,
         };
         // HTTP/2 chosen in the TLS handshake: Pingora's HTTP/2 server takes the connection
-        // (its own limits bound the streams; the header deadline is an HTTP/1 defence), its
-        // control frames metered.
+        // (its own limits bound the streams), the preface and header blocks under the header
+        // deadline and the control frames metered.
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            let metered = DeadlineStream::h2(stream, self.h2_control_rate);
+            let metered = DeadlineStream::h2(stream, self.h2_control_rate, self.timeout);
             return self.inner.process_new(Box::new(metered), shutdown).await;
         }
         let mut wrapped = DeadlineStream::new(stream, self.timeout, self.keepalive)

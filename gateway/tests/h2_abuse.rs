@@ -73,13 +73,27 @@ struct Attacker {
 impl Attacker {
     /// h2c with prior knowledge.
     fn plain(addr: SocketAddr) -> Attacker {
+        let mut a = Attacker::plain_silent(addr);
+        a.hello();
+        a
+    }
+
+    /// h2c, nothing sent yet.
+    fn plain_silent(addr: SocketAddr) -> Attacker {
         let tcp = TcpStream::connect(addr).unwrap();
         let io = Box::new(tcp.try_clone().unwrap());
-        Attacker::hello(tcp, io)
+        Attacker::on(tcp, io)
     }
 
     /// TLS with ALPN `h2` only.
     fn tls(addr: SocketAddr, pki: &Pki) -> Attacker {
+        let mut a = Attacker::tls_silent(addr, pki);
+        a.hello();
+        a
+    }
+
+    /// TLS with ALPN `h2`, the handshake done and nothing sent after it.
+    fn tls_silent(addr: SocketAddr, pki: &Pki) -> Attacker {
         let tcp = TcpStream::connect(SocketAddr::new(addr.ip(), TLS_PORT)).unwrap();
         let mut config = (*pki.client()).clone();
         config.alpn_protocols = vec![b"h2".to_vec()];
@@ -92,17 +106,20 @@ impl Attacker {
             io.conn.complete_io(&mut io.sock).unwrap();
         }
         assert_eq!(io.conn.alpn_protocol(), Some(&b"h2"[..]));
-        Attacker::hello(tcp, Box::new(io))
+        Attacker::on(tcp, Box::new(io))
     }
 
-    fn hello(tcp: TcpStream, io: Box<dyn Wire>) -> Attacker {
+    fn on(tcp: TcpStream, io: Box<dyn Wire>) -> Attacker {
         tcp.set_nodelay(true).unwrap();
         tcp.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut a = Attacker { tcp, io };
+        Attacker { tcp, io }
+    }
+
+    /// The preface and an empty SETTINGS.
+    fn hello(&mut self) {
         let mut hello = PREFACE.to_vec();
         frame(&mut hello, SETTINGS, 0, 0, &[]);
-        assert!(a.send(&hello));
-        a
+        assert!(self.send(&hello));
     }
 
     /// Writes `bytes`; false once the gateway has closed the connection (or stopped reading
@@ -417,6 +434,66 @@ fn settings_and_ping_floods_close_the_connection() {
         2.0
     );
     lab.gw.wait_log("control frame flood");
+}
+
+/// The HTTP/2 slowloris: a client that stalls its preface or a request's header block is
+/// closed at the header timeout, as a slow HTTP/1 header is, over TLS and h2c alike; one that
+/// finished them and sits idle is not (the HTTP/2 idle timeout is its bound).
+#[test]
+fn a_stalled_preface_or_header_block_is_closed_at_the_header_timeout() {
+    let lab = Lab::start(&["--header-timeout-seconds", "1"]);
+    let block = request_block(&lab.authority);
+    let mut stalled = Vec::new();
+    // TLS done, no preface.
+    stalled.push((
+        "TLS, no preface",
+        Attacker::tls_silent(lab.gw.addr, &lab.pki),
+    ));
+    // The preface, and no SETTINGS.
+    let mut a = Attacker::plain_silent(lab.gw.addr);
+    assert!(a.send(PREFACE));
+    stalled.push(("preface only", a));
+    // A header block that never ends (HEADERS without END_HEADERS), over TLS and h2c.
+    for (name, mut a) in [
+        (
+            "open header block, TLS",
+            Attacker::tls(lab.gw.addr, &lab.pki),
+        ),
+        ("open header block", Attacker::plain(lab.gw.addr)),
+    ] {
+        let mut f = Vec::new();
+        frame(&mut f, HEADERS, END_STREAM, 1, &block);
+        assert!(a.send(&f));
+        stalled.push((name, a));
+    }
+    // A HEADERS frame whose payload stops half way.
+    let mut a = Attacker::plain(lab.gw.addr);
+    let mut f = Vec::new();
+    frame(&mut f, HEADERS, END_STREAM | END_HEADERS, 1, &block);
+    assert!(a.send(&f[..f.len() - 5]));
+    stalled.push(("half a HEADERS frame", a));
+    // Idle after a finished request: kept.
+    let mut idle = Attacker::plain(lab.gw.addr);
+    let mut f = Vec::new();
+    frame(&mut f, HEADERS, END_STREAM | END_HEADERS, 1, &block);
+    assert!(idle.send(&f));
+
+    let started = Instant::now();
+    for (name, a) in &mut stalled {
+        let (closed, _) = a.closed_within(Duration::from_secs(5));
+        assert!(closed, "{name}: still open");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let (closed, _) = idle.closed_within(Duration::from_secs(2));
+    assert!(
+        !closed,
+        "an idle connection whose request was whole was closed"
+    );
+    assert_eq!(lab.gw.metric("sandbox_gateway_header_timeouts_total"), 5.0);
 }
 
 /// The limits leave ordinary HTTP/2 use alone: many streams, some cancelled, a few PINGs, on
