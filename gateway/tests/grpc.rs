@@ -437,6 +437,59 @@ async fn gateway_refusals_are_grpc_statuses() {
     lab.stop().await;
 }
 
+/// Established TCP connections to `addr` (the gateway's side of them), as `ss` lists them.
+fn connections_to(addr: SocketAddr) -> usize {
+    let out = std::process::Command::new("ss")
+        .args(["-Htn", "state", "established"])
+        .arg(format!("dst {addr}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// Fifty gRPC streams open at once to one sandbox share the gateway's HTTP/2 connections to
+/// it, instead of one connection each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_to_a_sandbox_share_upstream_connections() {
+    let lab = Lab::start().await;
+    let c = lab.client("h2", lab.h2.port()).await;
+    let mut open = Vec::new();
+    for i in 0..50 {
+        let mut c = c.clone();
+        c.ready().await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        let outbound =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+            );
+        let resp = c
+            .streaming(
+                Request::new(outbound),
+                PathAndQuery::from_static("/test.Echo/Chat"),
+                Raw,
+            )
+            .await
+            .unwrap();
+        let mut inbound = resp.into_inner();
+        tx.send(Bytes::from(format!("s{i}"))).await.unwrap();
+        assert_eq!(
+            inbound.next().await.unwrap().unwrap(),
+            Bytes::from(format!("re:s{i}"))
+        );
+        open.push((tx, inbound));
+    }
+    // All fifty are open now.
+    let upstream = connections_to(lab.h2);
+    eprintln!("50 open streams over {upstream} upstream connection(s)");
+    assert!(
+        (1..=5).contains(&upstream),
+        "{upstream} connections to the sandbox for 50 open streams"
+    );
+    drop(open);
+    lab.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bidirectional_streams_flow_message_by_message_and_end_in_trailers() {
     let lab = Lab::start().await;
