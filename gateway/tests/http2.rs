@@ -267,3 +267,25 @@ fn h2_signed_routes_and_unavailable_sandboxes_as_over_http1() {
     // The access log line is the one HTTP/1.1 requests get.
     gw.wait_log(r#""sandbox":"down","port":8080,"signed":false,"method":"GET","path":"/probe","status":503"#);
 }
+
+/// An HTTP/2 request whose `:authority` and `Host` name different sandboxes is refused (400):
+/// a balancer in front that routes or filters by one cannot be walked past with the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authority_and_host_that_disagree_are_refused() {
+    let t = tokio::task::spawn_blocking(|| Two::start("header"))
+        .await
+        .unwrap();
+    let pa = t.a.addr.port();
+    let tcp = tokio::net::TcpStream::connect(t.gw.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get(format!("http://a-{pa}.sandbox.test/x"))
+        .header("host", format!("b-{}.sandbox.test", t.b.addr.port()))
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), 400);
+    assert_eq!(t.a.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    tokio::task::spawn_blocking(move || drop(t)).await.unwrap();
+}
