@@ -437,6 +437,25 @@ async fn gateway_refusals_are_grpc_statuses() {
     lab.stop().await;
 }
 
+/// Opens a `Chat` stream: the sender of its messages and the stream of replies.
+async fn chat(
+    c: &mut tonic::client::Grpc<tonic::transport::Channel>,
+) -> (tokio::sync::mpsc::Sender<Bytes>, Streaming<Bytes>) {
+    c.ready().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let outbound =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let resp = c
+        .streaming(
+            Request::new(outbound),
+            PathAndQuery::from_static("/test.Echo/Chat"),
+            Raw,
+        )
+        .await
+        .unwrap();
+    (tx, resp.into_inner())
+}
+
 /// Established TCP connections to `addr` (the gateway's side of them), as `ss` lists them.
 fn connections_to(addr: SocketAddr) -> usize {
     let out = std::process::Command::new("ss")
@@ -455,23 +474,7 @@ async fn concurrent_streams_to_a_sandbox_share_upstream_connections() {
     let c = lab.client("h2", lab.h2.port()).await;
     let mut open = Vec::new();
     for i in 0..50 {
-        let mut c = c.clone();
-        c.ready().await.unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
-        let outbound =
-            futures_util::stream::unfold(
-                rx,
-                |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
-            );
-        let resp = c
-            .streaming(
-                Request::new(outbound),
-                PathAndQuery::from_static("/test.Echo/Chat"),
-                Raw,
-            )
-            .await
-            .unwrap();
-        let mut inbound = resp.into_inner();
+        let (tx, mut inbound) = chat(&mut c.clone()).await;
         tx.send(Bytes::from(format!("s{i}"))).await.unwrap();
         assert_eq!(
             inbound.next().await.unwrap().unwrap(),
@@ -494,23 +497,7 @@ async fn concurrent_streams_to_a_sandbox_share_upstream_connections() {
 async fn bidirectional_streams_flow_message_by_message_and_end_in_trailers() {
     let lab = Lab::start().await;
     for (name, addr) in [("h2", lab.h2), ("plain", lab.plain)] {
-        let mut c = lab.client(name, addr.port()).await;
-        c.ready().await.unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
-        let outbound =
-            futures_util::stream::unfold(
-                rx,
-                |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
-            );
-        let resp = c
-            .streaming(
-                Request::new(outbound),
-                PathAndQuery::from_static("/test.Echo/Chat"),
-                Raw,
-            )
-            .await
-            .unwrap();
-        let mut inbound = resp.into_inner();
+        let (tx, mut inbound) = chat(&mut lab.client(name, addr.port()).await).await;
         // Each reply arrives before the next message is sent: nothing waits for the end of
         // either stream, so nothing is buffered whole.
         for i in 0..100 {
