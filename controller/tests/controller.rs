@@ -1113,11 +1113,6 @@ fn renew_on_access_closes_the_loop() {
         (590..=601).contains(&renewed),
         "now + 600 s expected, {renewed} s left"
     );
-    assert_eq!(
-        controller
-            .metric("sandbox_controller_renew_intents_total{outcome=\"renewed\",reason=\"\"}"),
-        1.0
-    );
     // Not opted in, or opted in with a bad extension: untouched; the bad ones get an event.
     for name in ["plain", "short", "words"] {
         assert_eq!(
@@ -1139,11 +1134,23 @@ fn renew_on_access_closes_the_loop() {
             .any(|(about, n)| about == "words" && n.contains("not a whole number")),
         "{notes:?}"
     );
-    let ignored = |reason: &str| {
-        controller.metric(&format!(
-            "sandbox_controller_renew_intents_total{{outcome=\"ignored\",reason=\"{reason}\"}}"
-        ))
+    // The patch and the events are visible before the counters move: wait for them, then
+    // hold them to exact values.
+    let counted = |outcome: &str, reason: &str| {
+        controller
+            .try_metric(&format!(
+                "sandbox_controller_renew_intents_total{{outcome=\"{outcome}\",reason=\"{reason}\"}}"
+            ))
+            .unwrap_or(0.0)
     };
+    let ignored = |reason: &str| counted("ignored", reason);
+    eventually("intents counted", Duration::from_secs(10), || {
+        (counted("renewed", "") >= 1.0
+            && counted("ignored", "not_opted_in") >= 1.0
+            && counted("ignored", "invalid_annotation") >= 2.0)
+            .then_some(())
+    });
+    assert_eq!(counted("renewed", ""), 1.0);
     assert_eq!(ignored("not_opted_in"), 1.0);
     assert_eq!(ignored("invalid_annotation"), 2.0);
 
@@ -1168,9 +1175,7 @@ fn renew_on_access_closes_the_loop() {
         &format!(r#"{{"sandbox_id":"opted","observed_at":"{}"}}"#, at(-240)),
     );
     eventually("bad entries counted", Duration::from_secs(10), || {
-        let malformed = controller
-            .metric("sandbox_controller_renew_intents_total{outcome=\"malformed\",reason=\"\"}");
-        (malformed == 2.0
+        (counted("malformed", "") == 2.0
             && ignored("unknown_sandbox") == 1.0
             && ignored("stale") == 1.0
             && ignored("already_later") == 1.0)
@@ -1183,10 +1188,7 @@ fn renew_on_access_closes_the_loop() {
     assert_eq!(redis.len(RENEW_KEY), 0);
     // An observed_at a day ahead (a forged entry, a skewed clock) counts as now: the expiry
     // goes no further than now + 600 s.
-    let handled = || {
-        controller.metric("sandbox_controller_renew_intents_total{outcome=\"renewed\",reason=\"\"}")
-            + ignored("already_later")
-    };
+    let handled = || counted("renewed", "") + ignored("already_later");
     let before = handled();
     let future = format!(r#"{{"sandbox_id":"opted","observed_at":"{}"}}"#, at(86_400));
     redis.push(RENEW_KEY, &future);

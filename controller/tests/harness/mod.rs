@@ -76,13 +76,19 @@ impl Controller {
     }
 
     pub fn metric(&self, name: &str) -> f64 {
+        self.try_metric(name)
+            .unwrap_or_else(|| panic!("no metric {name}"))
+    }
+
+    /// The sample's value, or `None` while the series does not exist yet (a labelled counter
+    /// appears on its first increment).
+    pub fn try_metric(&self, name: &str) -> Option<f64> {
         let body = crate::support::client::blocking_get(self.health, "/metrics")
             .unwrap()
             .body_text();
         body.lines()
             .find(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(' ')))
             .and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no metric {name}"))
     }
 }
 
