@@ -272,12 +272,20 @@ fn a_redis_outage_neither_slows_nor_fails_requests_and_intents_resume() {
         ),
         ..Default::default()
     });
-    let window = Duration::from_secs(2);
+    // The best of three windows in each state: other work on the machine only ever lowers
+    // a window's rate, while a publisher that held requests up would lower all three.
+    let best = || {
+        (0..3)
+            .map(|_| throughput(gw.addr, &host, 2, Duration::from_millis(700)))
+            .fold((0.0f64, 0), |(rate, failed), (r, f)| {
+                (rate.max(r), failed + f)
+            })
+    };
     let (warm, _) = throughput(gw.addr, &host, 2, Duration::from_millis(500));
     assert!(warm > 0.0);
-    let (up_rate, up_failed) = throughput(gw.addr, &host, 2, window);
+    let (up_rate, up_failed) = best();
     redis.stop();
-    let (down_rate, down_failed) = throughput(gw.addr, &host, 2, window);
+    let (down_rate, down_failed) = best();
     let ratio = down_rate / up_rate;
     println!("requests/s with Redis up {up_rate:.0}, down {down_rate:.0}: ratio {ratio:.2}");
     assert_eq!((up_failed, down_failed), (0, 0));
