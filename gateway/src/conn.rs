@@ -1,6 +1,8 @@
 //! Downstream connections with a deadline on the request header: a client must deliver a
 //! whole header within the header timeout, however it spaces its bytes (slowloris defence).
-//! Pingora only bounds each single read, so the deadline lives in a stream wrapper. On an
+//! Pingora only bounds each single read, so the deadline lives in a stream wrapper. On a new
+//! connection one deadline covers the PROXY header, the TLS handshake and the first request
+//! header together: each step spends what the one before left. On an
 //! HTTP/2 connection the deadline covers the client's preface and first frame and each header
 //! block, and the same wrapper meters its control frames (see `h2meter`).
 
@@ -96,20 +98,25 @@ pub struct DeadlineStream {
     /// The control-frame rate for an h2c connection found by [`Peek::try_peek`]; `None`: h2c
     /// is off, so the preface is not treated as HTTP/2.
     h2c_rate: Option<u32>,
+    /// The header deadline passed: counted once, however often the connection is read after.
+    timed_out: bool,
 }
 
 impl DeadlineStream {
-    pub fn new(inner: Stream, timeout: Duration, keepalive: Duration) -> Self {
+    /// A connection whose first request header is owed by `due`; later ones get `timeout`
+    /// each, from their first byte.
+    pub fn new(inner: Stream, timeout: Duration, keepalive: Duration, due: Instant) -> Self {
         Self {
             inner,
             timeout,
             keepalive,
             phase: Phase::Header(HeaderScan::default()),
-            deadline: Box::pin(tokio::time::sleep(timeout)),
+            deadline: Box::pin(tokio::time::sleep_until(due)),
             next_request: AtomicBool::new(false),
             rewound: Vec::new(),
             h2: None,
             h2c_rate: None,
+            timed_out: false,
         }
     }
 
@@ -121,9 +128,9 @@ impl DeadlineStream {
     }
 
     /// A connection that is HTTP/2 from its first byte (ALPN `h2`), metered at `rate`; its
-    /// preface is owed within `timeout` from now.
-    pub fn h2(inner: Stream, rate: u32, timeout: Duration) -> Self {
-        let mut s = Self::new(inner, timeout, timeout);
+    /// preface and first frame are owed by `due`, each later header block within `timeout`.
+    pub fn h2(inner: Stream, rate: u32, timeout: Duration, due: Instant) -> Self {
+        let mut s = Self::new(inner, timeout, timeout, due);
         s.phase = Phase::Body;
         s.h2 = Some(FrameMeter::new(rate, Instant::now().into_std()));
         s
@@ -162,6 +169,14 @@ impl DeadlineStream {
 }
 
 impl DeadlineStream {
+    /// The read error of a passed header deadline, counted on the first such read.
+    fn time_out(&mut self, what: &'static str) -> io::Error {
+        if !std::mem::replace(&mut self.timed_out, true) {
+            crate::metrics::metrics().header_timeouts.inc();
+        }
+        io::Error::new(io::ErrorKind::TimedOut, what)
+    }
+
     /// An HTTP/2 connection's read: the bytes pass through the frame meter.
     fn poll_read_h2(
         &mut self,
@@ -171,9 +186,7 @@ impl DeadlineStream {
         if self.h2.as_ref().is_some_and(FrameMeter::header_pending)
             && self.deadline.as_mut().poll(cx).is_ready()
         {
-            crate::metrics::metrics().header_timeouts.inc();
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
+            return Poll::Ready(Err(self.time_out(
                 "HTTP/2 preface or request header not received within the header timeout",
             )));
         }
@@ -240,11 +253,9 @@ impl AsyncRead for DeadlineStream {
         }
         match this.phase {
             Phase::Header(_) if this.deadline.as_mut().poll(cx).is_ready() => {
-                crate::metrics::metrics().header_timeouts.inc();
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "request header not received within the header timeout",
-                )));
+                return Poll::Ready(Err(
+                    this.time_out("request header not received within the header timeout")
+                ));
             }
             // An idle keep-alive connection past its timeout reads as closed by the client.
             Phase::Idle if this.deadline.as_mut().poll(cx).is_ready() => {
@@ -389,11 +400,11 @@ impl Peek for DeadlineStream {
     }
 }
 
-/// Reads the PROXY protocol header off a fresh TCP connection, within `timeout`, and makes its
+/// Reads the PROXY protocol header off a fresh TCP connection, by `due`, and makes its
 /// source the connection's peer address; the bytes after the header are put back for the HTTP
 /// parser (or the TLS handshake). A failure is counted and logged; `Err` is its metric reason.
-async fn read_proxy_header(l4: &mut L4Stream, timeout: Duration) -> Result<(), &'static str> {
-    let read = tokio::time::timeout(timeout, read_proxy_header_now(l4)).await;
+async fn read_proxy_header(l4: &mut L4Stream, due: Instant) -> Result<(), &'static str> {
+    let read = tokio::time::timeout_at(due, read_proxy_header_now(l4)).await;
     read.unwrap_or(Err("timeout")).inspect_err(|reason| {
         crate::metrics::metrics()
             .proxy_protocol_errors
@@ -476,6 +487,9 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let tls = self.tls_for(&stream);
+        // One budget from accept: the PROXY header, the handshake and the first request
+        // header all arrive by `due`, so stalling each in turn gains a client nothing.
+        let due = Instant::now() + self.timeout;
         // The PROXY header comes first, before a TLS handshake too.
         let stream = if self.proxy_protocol {
             let mut l4 = match stream.into_any().downcast::<L4Stream>() {
@@ -485,24 +499,23 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
                     return None;
                 }
             };
-            // The PROXY header is part of the request header's time budget.
-            read_proxy_header(&mut l4, self.timeout).await.ok()?;
+            read_proxy_header(&mut l4, due).await.ok()?;
             l4
         } else {
             stream
         };
         let stream = match tls {
-            Some(acceptor) => self.handshake(acceptor, stream).await?,
+            Some(acceptor) => self.handshake(acceptor, stream, due).await?,
             None => stream,
         };
         // HTTP/2 chosen in the TLS handshake: Pingora's HTTP/2 server takes the connection
         // (its own limits bound the streams), the preface and header blocks under the header
         // deadline and the control frames metered.
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            let metered = DeadlineStream::h2(stream, self.h2_control_rate, self.timeout);
+            let metered = DeadlineStream::h2(stream, self.h2_control_rate, self.timeout, due);
             return self.inner.process_new(Box::new(metered), shutdown).await;
         }
-        let mut wrapped = DeadlineStream::new(stream, self.timeout, self.keepalive)
+        let mut wrapped = DeadlineStream::new(stream, self.timeout, self.keepalive, due)
             .with_h2c(self.h2c.then_some(self.h2_control_rate));
         if let Some(lean) = &self.lean
             && let Served::Closed = lean.serve(&mut wrapped, shutdown).await
@@ -518,15 +531,15 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
 }
 
 impl<A> HeaderDeadline<A> {
-    /// The TLS handshake, under the header timeout (a client that opens connections and never
-    /// finishes a handshake holds each for that long, not for the TLS library's minute).
-    async fn handshake(&self, acceptor: &Acceptor, stream: Stream) -> Option<Stream> {
+    /// The TLS handshake, finished by `due` (a client that opens connections and never
+    /// finishes a handshake holds each for the header timeout, not the TLS library's minute).
+    async fn handshake(&self, acceptor: &Acceptor, stream: Stream, due: Instant) -> Option<Stream> {
         let m = crate::metrics::metrics();
         let Ok(l4) = stream.into_any().downcast::<L4Stream>() else {
             tracing::warn!("TLS on a connection that is not TCP; closed");
             return None;
         };
-        match tokio::time::timeout(self.timeout, acceptor.tls_handshake(*l4)).await {
+        match tokio::time::timeout_at(due, acceptor.tls_handshake(*l4)).await {
             Ok(Ok(tls)) => Some(Box::new(tls)),
             Ok(Err(e)) => {
                 m.tls_handshake_errors.with_label_values(&["failed"]).inc();

@@ -37,12 +37,21 @@ impl Client {
         sni: Option<&str>,
         before: &[u8],
     ) -> std::io::Result<Client> {
+        Client::over(TcpStream::connect(addr)?, config, sni, before)
+    }
+
+    /// [`Client::try_connect`] on a connection already open.
+    fn over(
+        mut tcp: TcpStream,
+        config: Arc<rustls::ClientConfig>,
+        sni: Option<&str>,
+        before: &[u8],
+    ) -> std::io::Result<Client> {
         let name = match sni {
             Some(n) => ServerName::try_from(n.to_owned()).unwrap(),
-            None => ServerName::IpAddress(addr.ip().into()),
+            None => ServerName::IpAddress(tcp.peer_addr()?.ip().into()),
         };
         let conn = rustls::ClientConnection::new(config, name).unwrap();
-        let mut tcp = TcpStream::connect(addr)?;
         tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
         tcp.write_all(before)?;
         let mut tls = rustls::StreamOwned::new(conn, tcp);
@@ -352,6 +361,53 @@ fn the_proxy_protocol_header_comes_before_the_tls_handshake() {
     )
     .unwrap();
     assert_eq!(plain.status, 200);
+}
+
+#[test]
+fn one_header_timeout_covers_the_proxy_header_the_handshake_and_the_request() {
+    let s = setup_with(&["--proxy-protocol", "--header-timeout-seconds", "3"]);
+    let host = format!("box-{}.sandbox.test", s.upstream.addr.port());
+    let header = b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 443\r\n";
+    let timeouts = s.gw.metric("sandbox_gateway_header_timeouts_total");
+    // Each client spends two of its three seconds before the PROXY header, then finishes
+    // the next step at once (the handshake) and stalls in the request header. Had each step
+    // its own timeout, the connections would live five seconds.
+    let tls = std::thread::spawn({
+        let (addr, config, host) = (s.tls, s.pki.client(), host.clone());
+        move || {
+            let started = Instant::now();
+            let tcp = TcpStream::connect(addr).unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+            let mut c = Client::over(tcp, config, Some(&host), header).unwrap();
+            c.tls.write_all(b"GET / HTTP/1.1\r\nHo").unwrap();
+            let mut buf = [0u8; 64];
+            let n = std::io::Read::read(&mut c.tls, &mut buf).unwrap_or(0);
+            (n, started.elapsed())
+        }
+    });
+    let started = Instant::now();
+    let mut plain = TcpStream::connect(s.gw.addr).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    plain.write_all(header).unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\nHo").unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = std::io::Read::read(&mut plain, &mut buf).unwrap_or(0);
+    let plain_took = started.elapsed();
+    let (tls_n, tls_took) = tls.join().unwrap();
+    for (port, n, took) in [("plain", n, plain_took), ("TLS", tls_n, tls_took)] {
+        assert_eq!(n, 0, "{port}: closed without an answer");
+        assert!(
+            took >= Duration::from_millis(2900) && took < Duration::from_millis(4300),
+            "{port}: closed after {took:?}, the timeout is 3 s from connect"
+        );
+    }
+    assert_eq!(
+        s.gw.metric("sandbox_gateway_header_timeouts_total"),
+        timeouts + 2.0
+    );
 }
 
 #[test]
