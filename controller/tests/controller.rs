@@ -857,12 +857,13 @@ fn fence_refusals(env: &Env, controller: &Controller) {
     assert_eq!(secrets.items[0].metadata.owner_references, None);
 
     // Refusals settle: no hot loop, one event each.
-    // At most one slow retry each may fall into the window; a hot loop would be hundreds.
+    // A slow retry each, and the passes their own status writes trigger, may fall into the
+    // window; a hot loop would be hundreds.
     let before = controller.metric("sandbox_controller_reconciles_total");
     std::thread::sleep(Duration::from_secs(2));
     let during = controller.metric("sandbox_controller_reconciles_total") - before;
     assert!(
-        during <= expected.len() as f64 + 2.0,
+        during <= 3.0 * expected.len() as f64,
         "{during} reconciles in 2 s of {} refusals",
         expected.len()
     );
@@ -1113,29 +1114,8 @@ fn renew_on_access_closes_the_loop() {
         (590..=601).contains(&renewed),
         "now + 600 s expected, {renewed} s left"
     );
-    // Not opted in, or opted in with a bad extension: untouched; the bad ones get an event.
-    for name in ["plain", "short", "words"] {
-        assert_eq!(
-            env.get(name).unwrap().data["spec"]["expireTime"],
-            later.as_str()
-        );
-    }
-    env.wait_event("renew", "InvalidRenewExtension");
-    let notes = env.event_notes("renew", "InvalidRenewExtension");
-    assert!(
-        notes
-            .iter()
-            .any(|(about, n)| about == "short" && n.contains("outside 300..86400")),
-        "{notes:?}"
-    );
-    assert!(
-        notes
-            .iter()
-            .any(|(about, n)| about == "words" && n.contains("not a whole number")),
-        "{notes:?}"
-    );
-    // The patch and the events are visible before the counters move: wait for them, then
-    // hold them to exact values.
+    // The patch is visible before the events and the counters: wait for them, then hold the
+    // counters to exact values.
     let counted = |outcome: &str, reason: &str| {
         controller
             .try_metric(&format!(
@@ -1153,6 +1133,28 @@ fn renew_on_access_closes_the_loop() {
     assert_eq!(counted("renewed", ""), 1.0);
     assert_eq!(ignored("not_opted_in"), 1.0);
     assert_eq!(ignored("invalid_annotation"), 2.0);
+    // Opted in with a bad extension: an event each, posted in the background.
+    eventually(
+        "both bad extensions reported",
+        Duration::from_secs(10),
+        || {
+            let notes = env.event_notes("renew", "InvalidRenewExtension");
+            let about = |name: &str, says: &str| {
+                notes
+                    .iter()
+                    .any(|(about, n)| about == name && n.contains(says))
+            };
+            (about("short", "outside 300..86400") && about("words", "not a whole number"))
+                .then_some(())
+        },
+    );
+    // Not opted in, or opted in with a bad extension: untouched.
+    for name in ["plain", "short", "words"] {
+        assert_eq!(
+            env.get(name).unwrap().data["spec"]["expireTime"],
+            later.as_str()
+        );
+    }
 
     // What a bad or stray entry of the list does: skipped and counted, nothing patched.
     let expire_before = env.get("opted").unwrap().data["spec"]["expireTime"].clone();

@@ -414,15 +414,13 @@ async fn gateway_refusals_are_grpc_statuses() {
     let bad = call("plain", 0, None).await.unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
     // Counted and logged as the refusals they are, not as the HTTP 200 that carried them.
-    assert!(
-        lab.gw
-            .metric("sandbox_gateway_requests_total{class=\"4xx\",mode=\"header\"}")
-            >= 4.0
+    lab.gw.metric_reaches(
+        "sandbox_gateway_requests_total{class=\"4xx\",mode=\"header\"}",
+        4.0,
     );
-    assert!(
-        lab.gw
-            .metric("sandbox_gateway_requests_total{class=\"5xx\",mode=\"header\"}")
-            >= 1.0
+    lab.gw.metric_reaches(
+        "sandbox_gateway_requests_total{class=\"5xx\",mode=\"header\"}",
+        1.0,
     );
     lab.gw.wait_log("\"status\":401");
     // An HTTP/1.1 client sending gRPC's content type gets the status in the header block.

@@ -327,7 +327,8 @@ fn loopback_endpoints_are_refused_by_default() {
 fn missing_crd_and_missing_permissions_are_explained() {
     let plane = ControlPlane::start_with_crds(false);
     let gw = gateway(&plane.kubeconfig, GatewayOptions::default());
-    std::thread::sleep(Duration::from_secs(2));
+    // The note is in the log and in /readyz once the first watch attempt failed.
+    gw.wait_log("batchsandboxes.sandbox.opensandbox.io installed");
     let ready = get(gw.metrics, "/readyz", &[]);
     assert_eq!(ready.status, 503);
     assert!(
@@ -337,7 +338,6 @@ fn missing_crd_and_missing_permissions_are_explained() {
         "{}",
         ready.body_text()
     );
-    gw.wait_log("batchsandboxes.sandbox.opensandbox.io installed");
     // The watch keeps retrying: installing the CRDs later makes the gateway ready.
     plane.install_crds();
     gw.wait_ready();
@@ -379,13 +379,17 @@ fn survives_api_server_restarts_and_relists() {
         Some(format!("{ip1}:{port}")),
         "must serve from the last table"
     );
-    let ready = get(gw.metrics, "/readyz", &[]);
-    assert_eq!(ready.status, 200);
-    assert!(
-        ready.body_text().contains("watch failing"),
-        "{}",
-        ready.body_text()
-    );
+    // Ready from the last table, the lost watch named (once the gateway has noticed it).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ready = get(gw.metrics, "/readyz", &[]);
+        assert_eq!(ready.status, 200);
+        if ready.body_text().contains("watch failing") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", ready.body_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     plane.start_apiserver();
     let boxes = Objects::new(&plane, "restart", &batch_resource());

@@ -268,20 +268,6 @@ fn framed_len(buf: &[u8], end: usize, resp: &Response) -> Option<usize> {
     Some(end + last + 3 + done)
 }
 
-/// Waits up to a second for a metric to reach `want`, and checks it stays there.
-fn settled(gw: &Gateway, metric: &str, want: f64) {
-    let mut seen = gw.metric(metric);
-    for _ in 0..100 {
-        if seen == want {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-        seen = gw.metric(metric);
-    }
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(gw.metric(metric), want, "{metric}");
-}
-
 fn get(path: &str, port: u16) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: box-{port}.gw\r\n\r\n")
 }
@@ -448,13 +434,11 @@ fn a_connection_changes_over_to_the_full_path_and_refusals_are_counted_once() {
     c.send("GET / HTTP/1.1\r\nHost: nobody-80.gw\r\n\r\n");
     assert_eq!(c.response(false).status, 404);
     // Counted when the request is finished, which may be just after the client has its answer.
-    settled(
-        &gw,
+    gw.metric_settles(
         "sandbox_gateway_requests_total{class=\"4xx\",mode=\"header\"}",
         1.0,
     );
-    settled(
-        &gw,
+    gw.metric_settles(
         "sandbox_gateway_requests_total{class=\"2xx\",mode=\"header\"}",
         3.0,
     );

@@ -110,9 +110,9 @@ fn header_mode_intent_matches_the_reference_payload() {
         "{observed} not in {before}..{after}"
     );
     assert_eq!(gw.metric("sandbox_gateway_renew_redis_up"), 1.0);
-    assert_eq!(
-        gw.metric("sandbox_gateway_renew_intents_total{outcome=\"published\"}"),
-        1.0
+    gw.metric_settles(
+        "sandbox_gateway_renew_intents_total{outcome=\"published\"}",
+        1.0,
     );
 }
 

@@ -267,7 +267,10 @@ fn sandbox_states_map_to_status_codes() {
     assert_refused(&host(gw, &gw.addr.to_string(), &[]), 400);
     let no_host = support::client::raw(gw.addr, b"GET / HTTP/1.0\r\n\r\n").unwrap();
     assert_refused(&no_host, 400);
-    assert!(gw.metric("sandbox_gateway_requests_total{class=\"4xx\",mode=\"header\"}") >= 5.0);
+    gw.metric_reaches(
+        "sandbox_gateway_requests_total{class=\"4xx\",mode=\"header\"}",
+        5.0,
+    );
 }
 
 #[test]

@@ -107,17 +107,16 @@ fn server_sent_events_arrive_one_by_one() {
             arrivals.push(start.elapsed());
         }
     }
-    // The upstream spaces events 300 ms apart; a buffering proxy would deliver them together.
+    // The upstream spaces events 300 ms apart; a buffering proxy would deliver them together,
+    // the first no earlier than 600 ms. The bounds leave room for a reader descheduled a while.
+    for pair in arrivals.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(100),
+            "{arrivals:?}"
+        );
+    }
     assert!(
-        arrivals[1] - arrivals[0] >= Duration::from_millis(200),
-        "{arrivals:?}"
-    );
-    assert!(
-        arrivals[2] - arrivals[1] >= Duration::from_millis(200),
-        "{arrivals:?}"
-    );
-    assert!(
-        arrivals[0] < Duration::from_millis(250),
+        arrivals[0] < Duration::from_millis(450),
         "first event late: {arrivals:?}"
     );
 }

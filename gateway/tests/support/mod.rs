@@ -292,6 +292,34 @@ impl Gateway {
             .sum()
     }
 
+    /// Waits up to five seconds for a metric to reach `want` and checks it stays there a
+    /// moment. For counters that move after the client has its answer: requests and the
+    /// access log are counted once the response is written, intents once Redis acknowledges.
+    pub fn metric_settles(&self, prefix: &str, want: f64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.metric(prefix) != want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(self.metric(prefix), want, "{prefix}");
+    }
+
+    /// Waits up to five seconds for a metric to reach at least `least`; its value then.
+    pub fn metric_reaches(&self, prefix: &str, least: f64) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let seen = self.metric(prefix);
+            if seen >= least {
+                return seen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{prefix} is {seen}, not {least} or more"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn signal(&self, sig: &str) {
         Command::new("kill")
             .args([&format!("-{sig}"), &self.child.id().to_string()])
