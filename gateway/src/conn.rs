@@ -2,9 +2,9 @@
 //! whole header within the header timeout, however it spaces its bytes (slowloris defence).
 //! Pingora only bounds each single read, so the deadline lives in a stream wrapper. On a new
 //! connection one deadline covers the PROXY header, the TLS handshake and the first request
-//! header together: each step spends what the one before left. On an
-//! HTTP/2 connection the deadline covers the client's preface and first frame and each header
-//! block, and the same wrapper meters its control frames (see `h2meter`).
+//! header together: each step spends what the one before left. On an HTTP/2 connection the
+//! deadline covers the client's preface and first frame and each header block, and the same
+//! wrapper meters its control frames (see `h2meter`).
 
 use std::io;
 use std::pin::Pin;
@@ -166,9 +166,7 @@ impl DeadlineStream {
             self.phase = Phase::Body;
         }
     }
-}
 
-impl DeadlineStream {
     /// The read error of a passed header deadline, counted on the first such read.
     fn time_out(&mut self, what: &'static str) -> io::Error {
         if !std::mem::replace(&mut self.timed_out, true) {
@@ -444,6 +442,29 @@ async fn read_proxy_header_now(l4: &mut L4Stream) -> Result<(), &'static str> {
     }
 }
 
+/// The TLS handshake, finished by `due` (a client that opens connections and never
+/// finishes a handshake holds each for the header timeout, not the TLS library's minute).
+async fn tls_handshake(acceptor: &Acceptor, stream: Stream, due: Instant) -> Option<Stream> {
+    let m = crate::metrics::metrics();
+    let Ok(l4) = stream.into_any().downcast::<L4Stream>() else {
+        tracing::warn!("TLS on a connection that is not TCP; closed");
+        return None;
+    };
+    match tokio::time::timeout_at(due, acceptor.tls_handshake(*l4)).await {
+        Ok(Ok(tls)) => Some(Box::new(tls)),
+        Ok(Err(e)) => {
+            m.tls_handshake_errors.with_label_values(&["failed"]).inc();
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            m.tls_handshake_errors.with_label_values(&["timeout"]).inc();
+            tracing::debug!("TLS handshake not finished within the header timeout");
+            None
+        }
+    }
+}
+
 /// Marks the request on `stream` finished, if it is one of ours.
 pub fn request_done(stream: Option<&Stream>) {
     if let Some(s) = stream.and_then(|s| s.as_any().downcast_ref::<DeadlineStream>()) {
@@ -452,7 +473,8 @@ pub fn request_done(stream: Option<&Stream>) {
 }
 
 /// A server app that wraps each accepted connection in a [`DeadlineStream`], after reading
-/// its PROXY protocol header when the listener expects one.
+/// its PROXY protocol header when the listener expects one and, on the TLS port, running the
+/// handshake.
 pub struct HeaderDeadline<A> {
     pub inner: Arc<A>,
     pub timeout: Duration,
@@ -505,7 +527,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
             stream
         };
         let stream = match tls {
-            Some(acceptor) => self.handshake(acceptor, stream, due).await?,
+            Some(acceptor) => tls_handshake(acceptor, stream, due).await?,
             None => stream,
         };
         // HTTP/2 chosen in the TLS handshake: Pingora's HTTP/2 server takes the connection
@@ -527,31 +549,6 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
 
     async fn cleanup(&self) {
         self.inner.cleanup().await
-    }
-}
-
-impl<A> HeaderDeadline<A> {
-    /// The TLS handshake, finished by `due` (a client that opens connections and never
-    /// finishes a handshake holds each for the header timeout, not the TLS library's minute).
-    async fn handshake(&self, acceptor: &Acceptor, stream: Stream, due: Instant) -> Option<Stream> {
-        let m = crate::metrics::metrics();
-        let Ok(l4) = stream.into_any().downcast::<L4Stream>() else {
-            tracing::warn!("TLS on a connection that is not TCP; closed");
-            return None;
-        };
-        match tokio::time::timeout_at(due, acceptor.tls_handshake(*l4)).await {
-            Ok(Ok(tls)) => Some(Box::new(tls)),
-            Ok(Err(e)) => {
-                m.tls_handshake_errors.with_label_values(&["failed"]).inc();
-                tracing::debug!(error = %e, "TLS handshake failed");
-                None
-            }
-            Err(_) => {
-                m.tls_handshake_errors.with_label_values(&["timeout"]).inc();
-                tracing::debug!("TLS handshake not finished within the header timeout");
-                None
-            }
-        }
     }
 }
 

@@ -380,16 +380,15 @@ fn survives_api_server_restarts_and_relists() {
         "must serve from the last table"
     );
     // Ready from the last table, the lost watch named (once the gateway has noticed it).
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let ready = get(gw.metrics, "/readyz", &[]);
-        assert_eq!(ready.status, 200);
-        if ready.body_text().contains("watch failing") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{}", ready.body_text());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    support::eventually(
+        "/readyz naming the lost watch",
+        Duration::from_secs(15),
+        || {
+            let ready = get(gw.metrics, "/readyz", &[]);
+            assert_eq!(ready.status, 200);
+            ready.body_text().contains("watch failing").then_some(())
+        },
+    );
 
     plane.start_apiserver();
     let boxes = Objects::new(&plane, "restart", &batch_resource());

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
 use support::redis::Redis;
-use support::{GatewayOptions, TempDir, single_sandbox};
+use support::{GatewayOptions, TempDir, eventually, single_sandbox};
 
 const KEY: &str = "opensandbox:renew:intent";
 
@@ -25,17 +25,6 @@ fn renew_flags(dsn: &str, more: &[&str]) -> Vec<String> {
     ];
     flags.extend(more.iter().map(|s| s.to_string()));
     flags
-}
-
-fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "{what} not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Go's `time.RFC3339Nano` in UTC: seconds, then a fraction without trailing zeros, then `Z`.

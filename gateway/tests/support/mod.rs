@@ -15,6 +15,18 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+/// Polls `f` every 20 ms until it gives a value, for up to `limit`; fails naming `what`.
+pub fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "{what} not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A loopback address of this test's own, so fixed sandbox ports (the signed vectors name them)
 /// never collide with other tests or programs.
 pub fn unique_loopback() -> IpAddr {

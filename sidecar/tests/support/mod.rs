@@ -42,6 +42,23 @@ fn examples_dir() -> PathBuf {
     exe.parent().unwrap().parent().unwrap().join("examples")
 }
 
+/// Polls `f` every 50 ms until it gives a value, for up to `limit`; fails with what `what`
+/// says then (called once, at the failure).
+pub fn eventually<T>(
+    limit: Duration,
+    what: impl Fn() -> String,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "{}", what());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn example(name: &str) -> PathBuf {
     let path = examples_dir().join(name);
     if !path.exists() {
