@@ -557,14 +557,15 @@ async fn deadlines_reach_the_sandbox_and_cancellation_follows() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(lab.seen.timeout.lock().unwrap().as_deref(), Some("300000u"));
+    // The sandbox records the call's `grpc-timeout` before its handler starts.
     wait_abandoned(&lab.seen, 1).await;
+    assert_eq!(lab.seen.timeout.lock().unwrap().as_deref(), Some("300000u"));
     // A client that gives up with no deadline sent (its stream reset) ends the sandbox's
     // call too: the gateway resets its stream to the sandbox.
     let gave_up = tokio::time::timeout(Duration::from_millis(300), slow(&mut c, None)).await;
     assert!(gave_up.is_err());
-    assert_eq!(lab.seen.timeout.lock().unwrap().as_deref(), None);
     wait_abandoned(&lab.seen, 2).await;
+    assert_eq!(lab.seen.timeout.lock().unwrap().as_deref(), None);
     lab.stop().await;
 }
 
