@@ -316,13 +316,13 @@ impl Gateway {
         assert_eq!(self.metric(prefix), want, "{prefix}");
     }
 
-    /// Waits up to five seconds for a metric to reach at least `least`; its value then.
-    pub fn metric_reaches(&self, prefix: &str, least: f64) -> f64 {
+    /// Waits up to five seconds for a metric to reach at least `least`.
+    pub fn metric_reaches(&self, prefix: &str, least: f64) {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let seen = self.metric(prefix);
             if seen >= least {
-                return seen;
+                return;
             }
             assert!(
                 Instant::now() < deadline,
